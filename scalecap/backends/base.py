@@ -1,0 +1,121 @@
+"""The one contract every engine implements.
+
+The contract is async and list-based: a list of requests in, results in the same order out. The
+chain calls it from many images' coroutines at once; an engine that batches (vLLM, an OpenAI
+server) sees every request in flight. Engines that do not batch across calls may serialise.
+
+Images travel as decoded PIL images (the chain loads, orients and bounds them once); each engine
+encodes them as it needs (vLLM takes PIL directly, an HTTP server gets a data URL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+@dataclass
+class GenerateRequest:
+    """One chat turn: [system], user(image?, prompt) -> assistant text.
+
+    When `image` is given it is placed first in the user turn, after the system prompt, so every
+    call for one image shares one prefix (prefix and multimodal cache reuse).
+    """
+
+    prompt: str
+    image: Image | None = None
+    system: str | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    top_logprobs: int = 0
+    """When > 0, return the top-k alternatives of each generated token (yes/no rating)."""
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    top_logprobs: list[dict[str, float]] | None = None
+    """Per generated token: {decoded token text: logprob} of the top-k alternatives."""
+    finish_reason: str | None = None
+
+
+@dataclass
+class ScoreRequest:
+    """Teacher forcing: how likely is `continuation` as the assistant's reply?
+
+    Same turn layout as GenerateRequest; the continuation is appended after the assistant
+    header (no end-of-turn token) and every one of its tokens is scored.
+    """
+
+    prompt: str
+    continuation: str
+    image: Image | None = None
+    system: str | None = None
+
+
+@dataclass
+class TokenScore:
+    text: str
+    """The token's text as it appears in the continuation."""
+    start: int
+    """Character offset of the token in the continuation (end exclusive below)."""
+    end: int
+    logprob: float
+
+
+@dataclass
+class ScoreResult:
+    tokens: list[TokenScore] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the chain needs from a model engine."""
+
+    model_name: str
+    supports_scoring: bool
+    """True when `score` works (prompt logprobs / logits); contrastive mode needs it."""
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        """Run every request; results in input order. Raises BackendError on failure."""
+        ...
+
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        """Teacher-force every request; results in input order."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the engine (idempotent)."""
+        ...
+
+
+def char_offsets(pieces: Sequence[str], text: str) -> list[tuple[int, int]]:
+    """Character spans of decoded token pieces laid end to end over `text`.
+
+    Used by engines that return token strings without offsets (an OpenAI server). Pieces that
+    do not line up (replacement characters of split UTF-8 bytes) get zero-width spans at the
+    current position, which the rating treats as non-content.
+    """
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for piece in pieces:
+        if piece and text.startswith(piece, pos):
+            spans.append((pos, pos + len(piece)))
+            pos += len(piece)
+        else:
+            idx = text.find(piece, pos) if piece and "\ufffd" not in piece else -1
+            if idx != -1 and idx - pos <= 2:
+                spans.append((idx, idx + len(piece)))
+                pos = idx + len(piece)
+            else:
+                spans.append((pos, pos))
+    return spans

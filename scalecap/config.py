@@ -1,0 +1,163 @@
+"""The chain's configuration: one dataclass shared by kwargs, config files and CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from scalecap.errors import ConfigError
+
+SentenceFilter = Literal["contrastive", "yesno"]
+
+# Fields that change what the chain writes; their values make the config hash (and so job ids).
+# Addresses and keys of a separate language model are left out on purpose: the same model behind a
+# new address produces the same captions.
+_NOT_HASHED = {"llm_base_url", "llm_api_key"}
+
+
+@dataclass
+class ImageScaleCaptionGenerateConfig:
+    """Every knob of the ScaleCap chain (DESIGN.md "The chain").
+
+    Token limits count model tokens. Thresholds are probabilities in [0, 1] (contrastive mode
+    compares p(token | image) - p(token | no image)).
+    """
+
+    tau_sentence: float = 0.15
+    """A sentence is golden when its largest content-token delta exceeds this."""
+    max_questions: int = 20
+    """Cap on object questions (each also gets a position twin)."""
+    max_init_tokens: int = 1024
+    max_answer_tokens: int = 256
+    second_filter: bool = False
+    """Rate the answers as the sentences are rated and drop unsupported ones."""
+    tau_answer: float | None = None
+    """Threshold of the second filter; None means tau_sentence."""
+    sentence_filter: SentenceFilter = "contrastive"
+    max_question_tokens: int = 256
+    """Limit of the call that lists the objects of the golden sentences."""
+    max_object_summary_tokens: int = 512
+    max_position_summary_tokens: int = 512
+    max_final_tokens: int = 1024
+    temperature: float = 0.0
+    """0 means greedy decoding (the default)."""
+    top_p: float = 1.0
+    seed: int | None = None
+    min_pixels: int = 3136
+    """Images smaller than this (width*height) are upscaled."""
+    max_pixels: int = 1003520
+    """Images larger than this are downscaled before they reach the model (1280 * 28 * 28)."""
+    system_prompt: str | None = None
+    """Replaces the default system prompt of every VLM call."""
+    llm_base_url: str | None = None
+    """OpenAI-compatible address of a separate language model for questions and fusion."""
+    llm_model: str | None = None
+    llm_api_key: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form, hashed: lets a caller version its own variants."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.sentence_filter not in ("contrastive", "yesno"):
+            raise ConfigError(
+                f"sentence_filter must be 'contrastive' or 'yesno', not {self.sentence_filter!r}"
+            )
+        for name in ("tau_sentence",) + (("tau_answer",) if self.tau_answer is not None else ()):
+            value = getattr(self, name)
+            if not -1.0 <= float(value) <= 1.0:
+                raise ConfigError(f"{name} must lie in [-1, 1], got {value}")
+        for name in (
+            "max_questions",
+            "max_init_tokens",
+            "max_answer_tokens",
+            "max_question_tokens",
+            "max_object_summary_tokens",
+            "max_position_summary_tokens",
+            "max_final_tokens",
+            "min_pixels",
+            "max_pixels",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.max_pixels < self.min_pixels:
+            raise ConfigError("max_pixels must be >= min_pixels")
+        if self.temperature < 0:
+            raise ConfigError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p must lie in (0, 1]")
+
+    @property
+    def answer_threshold(self) -> float:
+        return self.tau_sentence if self.tau_answer is None else self.tau_answer
+
+    # --- (de)serialisation ---------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """to_dict without secrets, for records, logs and queue messages."""
+        d = self.to_dict()
+        if d.get("llm_api_key"):
+            d["llm_api_key"] = None
+        return d
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageScaleCaptionGenerateConfig:
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # pragma: no cover - guarded by the check above
+            raise ConfigError(str(exc)) from exc
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ImageScaleCaptionGenerateConfig:
+        """Load a TOML or JSON file (by suffix; JSON is tried for any other suffix)."""
+        return cls.from_dict(load_config_file(path))
+
+    def replace(self, **changes: Any) -> ImageScaleCaptionGenerateConfig:
+        return dataclasses.replace(self, **changes)
+
+    def config_hash(self) -> str:
+        """A short stable hash of everything that changes the chain's output."""
+        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a config file into a dict; a `[scalecap]` table in TOML is used when present."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}") from exc
+    if p.suffix.lower() == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+        data = data.get("scalecap", data)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{p}: invalid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the config must be a table/object")
+    return data

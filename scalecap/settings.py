@@ -1,0 +1,114 @@
+"""Deployment settings: one object, read from `SCALECAP_*` environment variables.
+
+Chain knobs live in ImageScaleCaptionGenerateConfig; this object holds where things are (broker,
+S3, model) and what is allowed (API keys, local roots, private addresses). Command-line flags
+override it through `Settings.with_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from scalecap.errors import ConfigError
+
+PREFIX = "SCALECAP_"
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.replace(";", ",").split(",") if v.strip()]
+
+
+@dataclass
+class Settings:
+    """Every field can be set as SCALECAP_<FIELD NAME IN CAPITALS>; lists are comma separated."""
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    """Redis for the Celery broker, batch state and the Redis results sink."""
+    result_ttl: int = 7 * 24 * 3600
+    """Seconds a record in the Redis results sink lives."""
+    backend: str = "vllm"
+    """Engine: vllm, openai, transformers, or a 'module:Class' path."""
+    model: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    openai_base_url: str | None = None
+    """Address of an OpenAI-compatible server for --backend openai."""
+    openai_api_key: str | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    dtype: str = "auto"
+    concurrency: int = 64
+    """Images in flight in one process (worker or `scalecap caption`)."""
+    gpus: str | None = None
+    """CUDA_VISIBLE_DEVICES for a worker ("0", "0,1")."""
+    queue: str | None = None
+    """GPU queue a worker consumes; default derives from the model name."""
+    visibility_timeout: int = 3600
+    """Seconds before Redis hands an unacknowledged job to another worker (> longest job)."""
+    max_attempts: int = 3
+    """Deliveries of one job before it goes to the dead-letter list."""
+    s3_endpoint_url: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_region: str | None = None
+    webhook_secret: str | None = None
+    """Standard Webhooks secret, `whsec_<base64>`."""
+    webhook_timeout: float = 10.0
+    webhook_max_attempts: int = 6
+    api_keys: list[str] = field(default_factory=list)
+    allowed_roots: list[str] = field(default_factory=list)
+    """Local directories images may be read from by workers and the API (empty: none)."""
+    allow_private_urls: bool = False
+    """Let workers fetch http(s) images from private/loopback addresses."""
+    max_image_bytes: int = 64 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _coerce(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with every non-None override applied (CLI flags beat the environment)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def s3_client_kwargs(self) -> dict[str, Any]:
+        """boto3 client arguments; unset values fall back to the usual AWS_* variables."""
+        kw: dict[str, Any] = {}
+        if self.s3_endpoint_url:
+            kw["endpoint_url"] = self.s3_endpoint_url
+        if self.s3_access_key_id:
+            kw["aws_access_key_id"] = self.s3_access_key_id
+        if self.s3_secret_access_key:
+            kw["aws_secret_access_key"] = self.s3_secret_access_key
+        if self.s3_region:
+            kw["region_name"] = self.s3_region
+        return kw
+
+
+def _coerce(name: str, typ: Any, raw: str) -> Any:
+    t = str(typ)
+    try:
+        if t.startswith("list"):
+            return _split(raw)
+        if t.startswith("bool"):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if t.startswith("int"):
+            return int(raw)
+        if t.startswith("float"):
+            return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {t}") from exc
+    return raw

@@ -1,0 +1,1 @@
+"""Fixtures that build the tiny model and start real engines (filled in by the engines work)."""
