@@ -69,7 +69,9 @@ def success_record(ctx: ImageContext, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def error_record(error: dict[str, str], meta: dict[str, Any], ctx: ImageContext | None = None) -> dict[str, Any]:
+def error_record(
+    error: dict[str, str], meta: dict[str, Any], ctx: ImageContext | None = None
+) -> dict[str, Any]:
     """A failed image: the error and the bookkeeping, never a fake caption."""
     m = dict(meta)
     if ctx is not None:

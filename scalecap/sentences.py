@@ -13,17 +13,18 @@ _ABBREV = {"mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e", "approx", "
 _SPLIT = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n+")
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+")
 
-FUNCTION_WORDS = frozenset(
-    """a an the this that these those there here it its it's they them their theirs he him his she
-    her hers we us our you your i me my mine is are was were be been being am has have had having do
-    does did doing will would shall should can could may might must of in on at to from by with
-    without for about above below under over into onto out up down off through between among
-    across along around behind beside besides near next and or but nor so yet if then than as
-    while when where which who whom whose what why how also too very quite rather just some any
-    all each every both either neither one not no there's image picture photo photograph shows
-    showing shown appears appear seems seem visible can see seen depicts depicting features
-    featuring includes including""".split()
-)
+_FUNCTION_WORDS_TEXT = """
+    a an the this that these those there here it its it's they them their theirs he him his she
+    her hers we us our you your i me my mine is are was were be been being am has have had
+    having do does did doing will would shall should can could may might must of in on at to
+    from by with without for about above below under over into onto out up down off through
+    between among across along around behind beside besides near next and or but nor so yet if
+    then than as while when where which who whom whose what why how also too very quite rather
+    just some any all each every both either neither one not no there's image picture photo
+    photograph shows showing shown appears appear seems seem visible can see seen depicts
+    depicting features featuring includes including
+"""
+FUNCTION_WORDS = frozenset(_FUNCTION_WORDS_TEXT.split())
 
 _WORD = re.compile(r"[\w'-]+", re.UNICODE)
 
@@ -95,9 +96,8 @@ def is_content_token(text: str, start: int, end: int) -> bool:
     if not any(ch.isalnum() for ch in piece):
         return False
     word = word_at(text, start, end).strip("'-").lower()
-    if not word or word in FUNCTION_WORDS:
-        return False
-    return True  # numbers count as content: counts are visual facts
+    # numbers count as content: counts are visual facts
+    return bool(word) and word not in FUNCTION_WORDS
 
 
 def normalise_object(name: str) -> str:

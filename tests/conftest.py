@@ -17,4 +17,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = [
     "tests.fixtures_engines",
     "tests.fixtures_services",
+    "tests.fixtures_openai",
 ]

@@ -109,12 +109,13 @@ class ScriptedVLM:
             if self.objects_reply is not None:
                 text = self.objects_reply
             else:
-                nouns = [w for w in re.findall(r"\w+", p.lower()) if w in ("square", "unicorn", "rainbow", "corners")]
+                known = ("square", "unicorn", "rainbow", "corners")
+                nouns = [w for w in re.findall(r"\w+", p.lower()) if w in known]
                 lines = [f"Describe more details about the {n}." for n in nouns]
                 text = "\n".join(lines)
         elif p.startswith("Describe more details about the position of the "):
             obj = p[len("Describe more details about the position of the ") :].rstrip(".")
-            text = f"The {obj} is in the centre."
+            text = "It sits in the centre of the frame."
         elif p.startswith("Describe more details about the "):
             obj = p[len("Describe more details about the ") :].rstrip(".")
             colour = dominant_colour(req.image) if req.image is not None else "grey"

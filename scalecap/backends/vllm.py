@@ -1,0 +1,229 @@
+"""vLLM's async engine in process: every request in flight is batched by the engine.
+
+`generate` and `score` submit all their requests at once and await them together, and many
+images' coroutines call them concurrently, so the engine's continuous batching sees everything in
+flight. vLLM is imported inside `create`, never at module import (the producer side has no vLLM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import math
+import uuid
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+from scalecap.backends.base import (
+    GenerateRequest,
+    GenerateResult,
+    ScoreRequest,
+    ScoreResult,
+    TokenScore,
+)
+from scalecap.backends.chat import ChatRenderer, token_spans
+from scalecap.errors import BackendError, ConfigError
+
+T = TypeVar("T")
+
+
+class VLLMBackend:
+    """One `vllm.v1.engine.async_llm.AsyncLLM` bound to the event loop it was created on."""
+
+    supports_scoring = True
+
+    def __init__(self, engine: Any, renderer: ChatRenderer, model_name: str, modules: Any) -> None:
+        self.engine = engine
+        self.renderer = renderer
+        self.model_name = model_name
+        self._vllm = modules
+        self._ids = itertools.count()
+        self._prefix = uuid.uuid4().hex[:8]
+        self._closed = False
+
+    @classmethod
+    async def create(
+        cls,
+        model: str,
+        *,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
+        max_num_seqs: int = 256,
+        dtype: str = "auto",
+        enforce_eager: bool = False,
+        limit_mm_per_prompt: dict[str, int] | None = None,
+        enable_prefix_caching: bool = True,
+        trust_remote_code: bool = False,
+        load_format: str = "auto",
+        seed: int = 0,
+        **extra_engine_args: Any,
+    ) -> VLLMBackend:
+        """Start the engine on the running loop (it binds to it). Blocks the loop while loading.
+
+        `extra_engine_args` go to `AsyncEngineArgs` unchanged; names it does not have raise
+        ConfigError, so a typo in a worker's config fails at start, not silently.
+        """
+        try:
+            import vllm
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise ConfigError(f"vllm is not installed: {exc} (pip install 'scalecap-fleet[worker]')") from exc
+
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        unknown = sorted(set(extra_engine_args) - known)
+        if unknown:
+            raise ConfigError(f"unknown vLLM engine option(s): {', '.join(unknown)}")
+        options: dict[str, Any] = dict(
+            model=model,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            max_num_seqs=max_num_seqs,
+            dtype=dtype,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+            trust_remote_code=trust_remote_code,
+            load_format=load_format,
+            seed=seed,
+            **extra_engine_args,
+        )
+        if limit_mm_per_prompt is not None:
+            options["limit_mm_per_prompt"] = limit_mm_per_prompt
+        try:
+            args = AsyncEngineArgs(**options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid vLLM engine options: {exc}") from exc
+
+        renderer = await asyncio.to_thread(
+            ChatRenderer.load, model, trust_remote_code=trust_remote_code
+        )
+        try:
+            # Created on this loop's thread: the engine's client and output task belong to it.
+            engine = AsyncLLM.from_engine_args(args)
+        except Exception as exc:
+            raise BackendError(f"vLLM engine failed to start for {model!r}: {exc}") from exc
+        return cls(engine, renderer, model_name=model, modules=vllm)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _request_id(self) -> str:
+        return f"scalecap-{self._prefix}-{next(self._ids)}"
+
+    async def _final(self, prompt: dict[str, Any], params: Any) -> Any:
+        """Run one request to completion and return its last RequestOutput."""
+        if self._closed:
+            raise BackendError("the vLLM backend is closed")
+        last = None
+        try:
+            async for out in self.engine.generate(prompt, params, request_id=self._request_id()):
+                last = out
+        except asyncio.CancelledError:
+            raise
+        except BackendError:
+            raise
+        except Exception as exc:
+            cause = exc.__cause__ if type(exc).__name__ == "EngineGenerateError" else exc
+            raise BackendError(f"vLLM request failed: {type(cause).__name__}: {cause}") from exc
+        if last is None:
+            raise BackendError("vLLM returned no output")
+        return last
+
+    # --- contract ------------------------------------------------------------------------
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        if not requests:
+            return []
+        return await _gather_or_cancel([self._generate_one(r) for r in requests])
+
+    async def _generate_one(self, req: GenerateRequest) -> GenerateResult:
+        text = self.renderer.render(req.prompt, system=req.system, has_image=req.image is not None)
+        prompt: dict[str, Any] = {"prompt": text}
+        if req.image is not None:
+            prompt["multi_modal_data"] = {"image": req.image}
+        try:
+            params = self._vllm.SamplingParams(
+                max_tokens=req.max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                logprobs=req.top_logprobs or None,
+            )
+        except ValueError as exc:
+            raise BackendError(f"invalid sampling parameters: {exc}") from exc
+        out = await self._final(prompt, params)
+        completion = out.outputs[0]
+        top: list[dict[str, float]] | None = None
+        if req.top_logprobs and completion.logprobs is not None:
+            top = [_by_text(position, self.renderer) for position in completion.logprobs]
+        return GenerateResult(
+            text=completion.text,
+            prompt_tokens=len(out.prompt_token_ids or ()),
+            completion_tokens=len(completion.token_ids),
+            top_logprobs=top,
+            finish_reason=completion.finish_reason,
+        )
+
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        if not requests:
+            return []
+        return await _gather_or_cancel([self._score_one(r) for r in requests])
+
+    async def _score_one(self, req: ScoreRequest) -> ScoreResult:
+        prefix = self.renderer.render(req.prompt, system=req.system, has_image=req.image is not None)
+        cont_ids, offsets = self.renderer.encode_continuation(req.continuation)
+        if not cont_ids:
+            return ScoreResult(tokens=[], prompt_tokens=0)
+        prompt: dict[str, Any] = {
+            "prompt_token_ids": self.renderer.encode_prefix(prefix) + cont_ids
+        }
+        if req.image is not None:
+            prompt["multi_modal_data"] = {"image": req.image}
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        out = await self._final(prompt, params)
+        ids = list(out.prompt_token_ids or ())
+        entries = list(out.prompt_logprobs or ())
+        n = len(cont_ids)
+        # The image pad expands inside the engine, so align from the end.
+        if len(ids) < n + 1 or len(entries) != len(ids) or ids[-n:] != cont_ids:
+            raise BackendError("vLLM prompt logprobs do not line up with the continuation tokens")
+        spans = token_spans(offsets, len(req.continuation))
+        tokens: list[TokenScore] = []
+        for token_id, entry, (start, end) in zip(cont_ids, entries[-n:], spans, strict=True):
+            logprob = entry[token_id].logprob if entry and token_id in entry else None
+            if logprob is None or math.isnan(logprob):
+                raise BackendError(f"vLLM gave no prompt logprob for token {token_id}")
+            tokens.append(TokenScore(req.continuation[start:end], start, end, float(logprob)))
+        return ScoreResult(tokens=tokens, prompt_tokens=len(ids) - n)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+
+
+def _by_text(position: Any, renderer: ChatRenderer) -> dict[str, float]:
+    """{decoded token: logprob} of one position; tokens decoding to the same text keep the max."""
+    alternatives: dict[str, float] = {}
+    for token_id, lp in (position or {}).items():
+        text = lp.decoded_token if lp.decoded_token is not None else renderer.decode_token(token_id)
+        if text not in alternatives or lp.logprob > alternatives[text]:
+            alternatives[text] = float(lp.logprob)
+    return alternatives
+
+
+async def _gather_or_cancel(coros: Sequence[Awaitable[T]]) -> list[T]:
+    """Await all together; on the first failure cancel the rest (their engine requests abort)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -1,0 +1,95 @@
+"""Command-line flags shared by `scalecap caption`, `scalecap worker` and the benchmarks.
+
+Config flags are generated from ImageScaleCaptionGenerateConfig so the CLI can never drift from
+the dataclass; a flag left unset keeps the value from --config FILE or the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+from scalecap.config import ImageScaleCaptionGenerateConfig, load_config_file
+
+_SKIP = {"extra", "llm_api_key"}
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("chain config (override --config FILE)")
+    g.add_argument("--config", metavar="FILE", help="TOML or JSON file of config fields")
+    hints = typing.get_type_hints(ImageScaleCaptionGenerateConfig)
+    for f in dataclasses.fields(ImageScaleCaptionGenerateConfig):
+        if f.name in _SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        typ = hints[f.name]
+        default = f.default
+        if typ is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default: {default})")
+            continue
+        args = typing.get_args(typ)
+        if typing.get_origin(typ) is typing.Literal:
+            g.add_argument(flag, choices=list(args), default=None, help=f"(default: {default})")
+            continue
+        base = next((a for a in args if a is not type(None)), typ) if args else typ
+        if typing.get_origin(base) is typing.Literal:
+            g.add_argument(flag, choices=list(typing.get_args(base)), default=None,
+                           help=f"(default: {default})")
+            continue
+        conv = base if base in (int, float, str) else str
+        g.add_argument(flag, type=conv, default=None, help=f"(default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> ImageScaleCaptionGenerateConfig:
+    data: dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
+    for name in ImageScaleCaptionGenerateConfig.field_names():
+        value = getattr(args, name, None)
+        if value is not None:
+            data[name] = value
+    return ImageScaleCaptionGenerateConfig.from_dict(data)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--backend", default=None, help="vllm | openai | transformers | module:Class "
+                   "(env SCALECAP_BACKEND; default vllm)")
+    g.add_argument("--model", default=None, help="model path or hub name (env SCALECAP_MODEL; "
+                   "default Qwen/Qwen2.5-VL-3B-Instruct)")
+    g.add_argument("--openai-base-url", default=None, help="server address for --backend openai")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=None)
+    g.add_argument("--tensor-parallel-size", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=None)
+    g.add_argument("--dtype", default=None)
+    g.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="vLLM: no CUDA graphs / compilation (faster start)")
+
+
+def engine_options(args: argparse.Namespace, settings: Any) -> tuple[str, str, dict[str, Any]]:
+    """(backend, model, options) from flags, then SCALECAP_* settings."""
+    backend = args.backend or settings.backend
+    model = args.model or settings.model
+    opts: dict[str, Any] = {}
+    if backend == "vllm":
+        opts["gpu_memory_utilization"] = args.gpu_memory_utilization or settings.gpu_memory_utilization
+        opts["max_num_seqs"] = args.max_num_seqs or settings.max_num_seqs
+        opts["dtype"] = args.dtype or settings.dtype
+        if args.max_model_len or settings.max_model_len:
+            opts["max_model_len"] = args.max_model_len or settings.max_model_len
+        if args.tensor_parallel_size:
+            opts["tensor_parallel_size"] = args.tensor_parallel_size
+        if args.enforce_eager:
+            opts["enforce_eager"] = True
+        opts["limit_mm_per_prompt"] = {"image": 1, "video": 0}
+    elif backend == "openai":
+        base = args.openai_base_url or settings.openai_base_url
+        if base:
+            opts["base_url"] = base
+        if settings.openai_api_key:
+            opts["api_key"] = settings.openai_api_key
+    elif backend == "transformers" and args.dtype:
+        opts["dtype"] = args.dtype
+    return backend, model, opts

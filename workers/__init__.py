@@ -1,0 +1,1 @@
+"""Celery workers: the app, tasks, GPU pinning, engine lifetime, result sinks, webhook delivery."""

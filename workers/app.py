@@ -1,0 +1,64 @@
+"""The Celery app, built from Settings so producers and workers agree on every delivery rule.
+
+Delivery is at-least-once: acks happen after the task returns (`task_acks_late`), a task whose
+worker died is requeued (`task_reject_on_worker_lost`), each worker thread reserves one message at
+a time (`worker_prefetch_multiplier=1`), and Redis hands an unacknowledged message to another
+worker after `visibility_timeout`. Exactly-once *effects* come from the queue protocol (atomic
+state transitions and idempotent sink keys), not from the broker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from scalecap.queue_protocol import IO_QUEUE, TASK_CAPTION, TASK_WEBHOOK, gpu_queue
+from scalecap.settings import Settings
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """Redis transport options; the restore sweep runs often enough for the visibility timeout.
+
+    kombu scans for expired unacknowledged messages every `interval * throttle` seconds (100 s by
+    default), which would dwarf a short visibility timeout; scale the sweep with it instead.
+    """
+    vt = int(settings.visibility_timeout)
+    return {
+        "visibility_timeout": vt,
+        "unacked_restore_interval": max(1, min(10, vt // 5)),
+        "unacked_restore_throttle": 1,
+    }
+
+
+def create_app(settings: Settings | None = None, *, name: str = "scalecap") -> Celery:
+    """A Celery app bound to `settings.broker_url`; tasks are registered by workers.tasks."""
+    settings = settings or Settings.from_env()
+    app = Celery(name, broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        broker_transport_options=transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_routes={
+            TASK_WEBHOOK: {"queue": IO_QUEUE},
+            # Caption jobs name their model's queue when sent; this is the fallback.
+            TASK_CAPTION: {"queue": settings.queue or gpu_queue(settings.model)},
+        },
+        task_default_queue=IO_QUEUE,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_enable_remote_control=True,
+        broker_heartbeat=0,
+    )
+    app.conf.scalecap_settings = settings
+    return app

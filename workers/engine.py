@@ -1,0 +1,143 @@
+"""Engine lifetime in a worker: one backend per process, shared by every job thread.
+
+The worker runs Celery's thread pool (no fork after the engine exists). Each task thread hands
+its image's coroutine to one BackgroundLoop, where the backend lives; with N threads there are N
+images in flight and the engine batches across all of them. The backend is created lazily, once,
+under a lock; chains (cheap) are cached per config hash and all share that backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+from scalecap.backends.base import Backend
+from scalecap.chain import ChainItem, ScaleCapChain
+from scalecap.config import ImageScaleCaptionGenerateConfig
+from scalecap.images import ImageLimits
+from scalecap.runtime import BackgroundLoop
+from scalecap.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_RECORD_ERRORS = frozenset({"BackendError", "RetryableBackendError"})
+"""Error types in a record that mean the engine failed, not the image: worth another delivery."""
+
+
+class EngineRuntime:
+    """Backend + chains of one worker process (see module docstring)."""
+
+    def __init__(
+        self,
+        backend: str,
+        model: str,
+        options: dict[str, Any] | None = None,
+        *,
+        settings: Settings,
+        concurrency: int = 64,
+    ) -> None:
+        self.backend_name = backend
+        self.model = model
+        self.options = dict(options or {})
+        self.settings = settings
+        self.concurrency = concurrency
+        self._lock = threading.Lock()
+        self._loop: BackgroundLoop | None = None
+        self._vlm: Backend | None = None
+        self._chains: dict[str, ScaleCapChain] = {}
+
+    @property
+    def loop(self) -> BackgroundLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop = BackgroundLoop(name="scalecap-engine")
+            return self._loop
+
+    def vlm(self) -> Backend:
+        """The backend, created on first use (and only once, whichever thread asks first)."""
+        if self._vlm is not None:
+            return self._vlm
+        loop = self.loop
+        with self._lock:
+            if self._vlm is None:
+                from scalecap.backends import create_backend
+
+                log.info("starting %s engine for %s", self.backend_name, self.model)
+                self._vlm = loop.run(create_backend(self.backend_name, self.model, **self.options))
+            return self._vlm
+
+    def limits(self, config: ImageScaleCaptionGenerateConfig) -> ImageLimits:
+        s = self.settings
+        return ImageLimits(
+            max_bytes=s.max_image_bytes,
+            min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels,
+            allowed_roots=list(s.allowed_roots),
+            allow_private_urls=s.allow_private_urls,
+        )
+
+    def chain(self, config_json: str | dict[str, Any]) -> ScaleCapChain:
+        """The chain for one batch config; cached, so a batch's jobs share one chain object."""
+        data = json.loads(config_json) if isinstance(config_json, str) else config_json
+        config = ImageScaleCaptionGenerateConfig.from_dict(data)
+        key = config.config_hash() + ":" + str(config.llm_base_url or "")
+        chain = self._chains.get(key)
+        if chain is not None:
+            return chain
+        vlm = self.vlm()
+        with self._lock:
+            chain = self._chains.get(key)
+            if chain is None:
+                from scalecap.engine_setup import create_llm
+
+                llm = self._loop.run(create_llm(config)) if config.llm_base_url else None  # type: ignore[union-attr]
+                chain = ScaleCapChain(
+                    vlm, config, llm=llm, concurrency=self.concurrency, image_limits=self.limits(config)
+                )
+                self._chains[key] = chain
+        return chain
+
+    def caption(self, config_json: str | dict[str, Any], ref: str, job_id: str) -> dict[str, Any]:
+        """The record of one image; blocks this task thread while the loop runs the chain."""
+        chain = self.chain(config_json)
+        return self.loop.run(chain.caption(ChainItem(source=ref, ref=ref, job_id=job_id)))
+
+    def close(self) -> None:
+        with self._lock:
+            vlm, self._vlm = self._vlm, None
+            loop, self._loop = self._loop, None
+            self._chains.clear()
+        if loop is None:
+            return
+        if vlm is not None:
+            try:
+                loop.run(vlm.aclose(), timeout=60)
+            except Exception as exc:  # shutting down: report, do not mask the exit
+                log.warning("engine shutdown: %s", exc)
+        loop.stop()
+
+
+_runtime: EngineRuntime | None = None
+
+
+def configure(runtime: EngineRuntime | None) -> None:
+    """Install the process's runtime (the worker CLI does this before consuming)."""
+    global _runtime
+    _runtime = runtime
+
+
+def get_runtime() -> EngineRuntime:
+    if _runtime is None:
+        raise RuntimeError(
+            "this worker has no engine (an --io worker received a caption job?); "
+            "start it with scalecap worker --backend ... --model ..."
+        )
+    return _runtime
+
+
+def is_retryable_record(record: dict[str, Any]) -> bool:
+    """An error record caused by the engine (not the image): the job should run again."""
+    err = record.get("error") if isinstance(record, dict) else None
+    return bool(err) and err.get("stage") != "load" and err.get("type") in RETRYABLE_RECORD_ERRORS

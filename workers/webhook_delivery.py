@@ -1,0 +1,239 @@
+"""Signed webhook delivery with retries, every attempt recorded in Redis.
+
+A dead or slow endpoint must never fail a job or a batch, so `deliver_event` never raises: it
+returns a `DeliveryOutcome`. One event keeps one `webhook-id` across all its attempts (and across
+re-creations of the same logical event), so receivers can deduplicate; each attempt is re-signed
+with its own timestamp, as Standard Webhooks asks.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import ipaddress
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from scalecap.webhooks import make_headers
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPES = ("batch.completed", "job.completed")
+ATTEMPTS_TTL = 7 * 24 * 3600
+"""Seconds the attempt log of one event lives in Redis."""
+_RETRY_STATUSES = frozenset({408, 429})
+_CAPTION_KEYS = frozenset({"scalecap_record", "final_caption", "init_caption", "caption"})
+USER_AGENT = "scalecap-webhooks/1"
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    delivered: bool
+    attempts: int
+    """HTTP requests actually sent (0 when the URL was refused)."""
+    last_status: int | None
+    last_error: str | None
+    webhook_id: str | None = None
+
+
+class WebhookRefused(Exception):
+    """The URL is not one we may POST to (scheme, unresolvable, private address)."""
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def event_payload(
+    kind: str,
+    batch_id: str,
+    counts: Mapping[str, int],
+    results_location: str | None,
+    *,
+    job_id: str | None = None,
+    status: str | None = None,
+    timestamp: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A thin Standard Webhooks payload: counts and where the results are, never captions."""
+    if kind not in EVENT_TYPES:
+        raise ValueError(f"event type must be one of {EVENT_TYPES}, not {kind!r}")
+    data: dict[str, Any] = {
+        "batch_id": batch_id,
+        "counts": dict(counts),
+        "results": results_location,
+    }
+    if job_id is not None:
+        data["job_id"] = job_id
+    if status is not None:
+        data["status"] = status
+    if extra:
+        leaked = _CAPTION_KEYS & set(extra)
+        if leaked:
+            raise ValueError(f"webhook payloads are thin; captions not allowed: {sorted(leaked)}")
+        data.update(extra)
+    return {"type": kind, "timestamp": timestamp or _now_iso(), "data": data}
+
+
+def event_id(event: Mapping[str, Any]) -> str:
+    """A deterministic webhook-id: the same logical event (type, batch, job) gets the same id."""
+    data = event.get("data") or {}
+    if isinstance(data, Mapping) and data.get("batch_id"):
+        basis = f"{event.get('type')}:{data.get('batch_id')}:{data.get('job_id') or ''}"
+    else:
+        basis = json.dumps(event, sort_keys=True, default=str)
+    return "msg_" + hashlib.sha256(basis.encode()).hexdigest()[:32]
+
+
+def check_url(url: str, *, allow_private: bool = False) -> None:
+    """Raise WebhookRefused unless `url` is http(s) to a public address (SSRF guard).
+
+    Resolution happens again when connecting, so DNS rebinding is not fully excluded; a
+    deployment that needs that should also filter egress at the network level.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookRefused(f"not an http(s) URL: {url!r}")
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        raise WebhookRefused(f"cannot resolve {parts.hostname!r}: {exc}") from exc
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if not addr.is_global or addr.is_multicast:
+            raise WebhookRefused(
+                f"{parts.hostname} resolves to non-public address {addr}; "
+                "pass allow_private=True (SCALECAP_ALLOW_PRIVATE_URLS) to permit it"
+            )
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date); None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+def backoff_delay(
+    attempt: int, base_delay: float, max_delay: float, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(max_delay, base * 2**(attempt-1)))."""
+    cap = min(max_delay, base_delay * (2 ** (attempt - 1)))
+    return (rng or random).uniform(0, cap)
+
+
+def _record(redis_client: Any, key: str, entry: dict[str, Any]) -> None:
+    if redis_client is None:
+        return
+    try:
+        pipe = redis_client.pipeline()
+        pipe.rpush(key, json.dumps(entry))
+        pipe.expire(key, ATTEMPTS_TTL)
+        pipe.execute()
+    except Exception as exc:  # the attempt log is for operators; never fail delivery over it
+        log.warning("could not record webhook attempt in %s: %s", key, exc)
+
+
+def deliver_event(
+    url: str,
+    event: dict[str, Any],
+    *,
+    secret: str,
+    redis_client: Any,
+    attempts_key: str,
+    timeout: float = 10,
+    max_attempts: int = 6,
+    base_delay: float = 1.0,
+    max_delay: float = 60.0,
+    sleep: Callable[[float], None] = time.sleep,
+    allow_private: bool = False,
+    msg_id: str | None = None,
+    rng: random.Random | None = None,
+) -> DeliveryOutcome:
+    """POST `event` as signed JSON until a 2xx, a final 4xx or `max_attempts`; never raises.
+
+    Retried: 5xx, 408, 429 and network errors/timeouts, after full-jitter exponential backoff or
+    the server's Retry-After (capped by `max_delay`). Redirects are not followed (a redirect
+    could point inside the network). Each attempt is appended to the Redis list `attempts_key`
+    as JSON `{attempt, at, status, error, duration_ms}`.
+    """
+    wid = msg_id or event_id(event)
+    try:
+        body = json.dumps(event, separators=(",", ":"), default=str).encode()
+        check_url(url, allow_private=allow_private)
+    except Exception as exc:
+        error = f"refused: {exc}"
+        log.warning("webhook %s to %s not sent: %s", wid, url, error)
+        _record(redis_client, attempts_key, _entry(0, None, error, 0.0))
+        return DeliveryOutcome(False, 0, None, error, wid)
+
+    status: int | None = None
+    error: str | None = None
+    attempt = 0
+    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+        while attempt < max(1, max_attempts):
+            attempt += 1
+            status, error, retry_after = None, None, None
+            started = time.monotonic()
+            try:
+                headers = make_headers(secret, wid, body)
+                headers["user-agent"] = USER_AGENT
+                response = client.post(url, content=body, headers=headers)
+                status = response.status_code
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+                if not 200 <= status < 300:
+                    error = f"HTTP {status}"
+            except httpx.TransportError as exc:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except Exception as exc:  # anything else is a bug or bad input: final, not raised
+                error = f"{type(exc).__name__}: {exc}"
+                _record(redis_client, attempts_key, _entry(attempt, None, error, started))
+                break
+            _record(redis_client, attempts_key, _entry(attempt, status, error, started))
+            if status is not None and 200 <= status < 300:
+                return DeliveryOutcome(True, attempt, status, None, wid)
+            retryable = status is None or status >= 500 or status in _RETRY_STATUSES
+            if not retryable or attempt >= max_attempts:
+                break
+            if retry_after is not None:
+                delay = min(max_delay, retry_after)
+            else:
+                delay = backoff_delay(attempt, base_delay, max_delay, rng)
+            sleep(delay)
+    log.warning("webhook %s to %s failed after %d attempt(s): %s", wid, url, attempt, error)
+    return DeliveryOutcome(False, attempt, status, error, wid)
+
+
+def _entry(attempt: int, status: int | None, error: str | None, started: float) -> dict[str, Any]:
+    duration = (time.monotonic() - started) * 1000 if started else 0.0
+    return {
+        "attempt": attempt,
+        "at": _now_iso(),
+        "status": status,
+        "error": error,
+        "duration_ms": round(duration, 1),
+    }
