@@ -190,3 +190,13 @@ async def _caption_into(chain, rows, args, f, bar, counts) -> None:
 
     async for k, record in chain.stream(items()):
         emit(row_of.pop(k), record)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scalecap caption", description=__doc__.split("\n\n")[0])
+    add_cli_args(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))

@@ -70,7 +70,8 @@ class ImageLimits:
     max_bytes: int = 64 * 1024 * 1024
     """Encoded bytes read from any source; reading stops at the first byte over."""
     max_decode_pixels: int = 178_956_970
-    """Width x height from the header, checked before decoding (Pillow's own hard limit)."""
+    """Width x height from the header, checked before decoding. The default is Pillow's own
+    hard limit (2 x Image.MAX_IMAGE_PIXELS), which still applies if this is set higher."""
     min_pixels: int = 3136
     """Smaller images are upscaled to about this many pixels, keeping the aspect ratio."""
     max_pixels: int = 1003520
@@ -530,8 +531,8 @@ def _decode(data: bytes, limits: ImageLimits, desc: str, hint: str = "") -> Imag
         raise ImageTooLarge(f"{desc}: {len(data)} bytes is over max_bytes={limits.max_bytes}")
     try:
         im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{desc}: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # over Pillow's own hard limit, at open
+        raise ImageTooLarge(f"{desc}: too many pixels to decode: {exc}") from exc
     except UnidentifiedImageError as exc:
         what = f" ({hint})" if hint else ""
         raise NotAnImage(

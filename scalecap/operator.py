@@ -44,6 +44,11 @@ _DESC = {
 }
 
 
+def _present(value: Any) -> Any:
+    """The value, or None where pandas filled a missing cell with NaN."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 class ImageScaleCaptionGenerate:
     """ScaleCap over a DataFlow storage or a pandas DataFrame.
 
@@ -87,10 +92,8 @@ class ImageScaleCaptionGenerate:
         index: list[int] = []
         records: list[dict[str, Any] | None] = [None] * len(rows)
         for i, row in enumerate(rows):
-            ref = row.get(input_image_key)
-            if isinstance(ref, float) and math.isnan(ref):
-                ref = None
-            if row.get("_error"):
+            ref = _present(row.get(input_image_key))
+            if _present(row.get("_error")):
                 records[i] = self._input_error("InvalidRow", str(row["_error"]))
             elif ref is None or ref == "":
                 records[i] = self._input_error("MissingImageKey", f"row has no {input_image_key!r} value")

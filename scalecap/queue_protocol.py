@@ -67,6 +67,13 @@ def gpu_queue(model: str) -> str:
     return GPU_QUEUE_PREFIX + slug(model)
 
 
+def fleet_job_id(ref: str, config_hash: str, model: str) -> str:
+    """The job id of one image under one config on one model: resubmitting it is idempotent."""
+    from scalecap.record import job_id
+
+    return job_id(ref, f"{config_hash}:{slug(model)}")
+
+
 def batch_key(batch_id: str) -> str:
     return f"{PREFIX}batch:{batch_id}"
 
@@ -385,6 +392,7 @@ __all__ = [
     "batch_key",
     "check_batch_id",
     "counts",
+    "fleet_job_id",
     "gpu_queue",
     "job_key",
     "new_batch_id",

@@ -78,26 +78,22 @@ def sentence_spans(text: str, sentences: list[str]) -> list[tuple[int, int]]:
     return spans
 
 
-def word_at(text: str, start: int, end: int) -> str:
-    """The whole word that the token at [start, end) belongs to (subword tokens share a word)."""
-    if start >= end:
-        return ""
-    s, e = start, end
-    while s > 0 and (text[s - 1].isalnum() or text[s - 1] in "'-"):
-        s -= 1
-    while e < len(text) and (text[e].isalnum() or text[e] in "'-"):
-        e += 1
-    return text[s:e]
-
-
 def is_content_token(text: str, start: int, end: int) -> bool:
-    """True for tokens that belong to a content word (not punctuation, not a function word)."""
-    piece = text[start:end]
-    if not any(ch.isalnum() for ch in piece):
+    """True for tokens that belong to a content word (not punctuation, not a function word).
+
+    A token is judged by the whole words it touches, so the subword pieces of "skateboard" all
+    count and a token such as "is." does not.
+    """
+    if not any(ch.isalnum() for ch in text[start:end]):
         return False
-    word = word_at(text, start, end).strip("'-").lower()
-    # numbers count as content: counts are visual facts
-    return bool(word) and word not in FUNCTION_WORDS
+    for m in _WORD.finditer(text, max(0, start - 64), min(len(text), end + 64)):
+        if m.end() <= start or m.start() >= end:
+            continue
+        word = m.group(0).strip("'-").lower()
+        # numbers count as content: counts are visual facts
+        if word and word not in FUNCTION_WORDS:
+            return True
+    return False
 
 
 def normalise_object(name: str) -> str:
@@ -108,7 +104,3 @@ def normalise_object(name: str) -> str:
         if name.startswith(article):
             name = name[len(article) :]
     return name.strip()
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text)

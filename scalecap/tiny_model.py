@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -142,11 +144,19 @@ def _build_tokenizer(seed: int) -> Any:
 def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     """Build the tiny model into `out_dir` (skipped when its marker file is already there)."""
     out = Path(out_dir)
-    marker = out / MARKER
-    if marker.exists():
+    if (out / MARKER).exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
+    # Build aside, then move the files in with the marker last: a concurrent session that
+    # shares the folder (SCALECAP_TINY_MODEL_DIR) never loads a half-written model.
+    with tempfile.TemporaryDirectory(prefix=".tiny-build-", dir=out) as tmp:
+        _build_into(Path(tmp), seed)
+        for path in sorted(Path(tmp).iterdir(), key=lambda p: p.name == MARKER):
+            os.replace(path, out / path.name)
+    return out
 
+
+def _build_into(out: Path, seed: int) -> None:
     import torch
     from transformers import (
         GenerationConfig,
@@ -219,10 +229,9 @@ def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     )
     model.save_pretrained(out, safe_serialization=True)
 
-    marker.write_text(
+    (out / MARKER).write_text(
         json.dumps({"recipe": RECIPE_VERSION, "seed": seed, "vocab_size": vocab}, indent=1) + "\n"
     )
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

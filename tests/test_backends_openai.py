@@ -231,9 +231,7 @@ def test_request_layout_image_first_and_sampling_fields(fake: FakeServer) -> Non
     assert [r.text for r in results] == ["describe", "plain", "by url"]
     assert results[0].prompt_tokens == 7 and results[0].completion_tokens == 2
     assert results[0].finish_reason == "stop" and results[0].top_logprobs is None
-    bodies = {
-        echo("", b).body["choices"][0]["message"]["content"]: b for _, _, b, _ in fake.requests
-    }
+    bodies = {echo("", b).body["choices"][0]["message"]["content"]: b for _, _, b, _ in fake.requests}
     first = bodies["describe"]
     assert first["messages"][0] == {"role": "system", "content": "sys"}
     content = first["messages"][1]["content"]
@@ -448,9 +446,7 @@ def test_scoring_on_a_server_without_vllm_extensions(fake: FakeServer) -> None:
         with pytest.raises(BackendError, match="yesno"):
             await b.score([ScoreRequest(prompt="p", continuation="a cat")])
         assert len(fake.requests) == n  # known now: no second round trip
-        out = await b.generate(
-            [GenerateRequest(prompt="still works")]
-        )  # yesno mode needs only this
+        out = await b.generate([GenerateRequest(prompt="still works")])  # yesno mode needs only this
         await b.aclose()
         return b, [info.value, out]
 
@@ -473,9 +469,7 @@ def test_scoring_without_prompt_logprobs_in_the_answer(fake: FakeServer) -> None
 
 
 def test_unknown_model_on_tokenize_is_not_mistaken_for_missing_support(fake: FakeServer) -> None:
-    fake.script["/tokenize"] = [
-        Reply(404, {"error": {"message": "The model `nope` does not exist."}})
-    ]
+    fake.script["/tokenize"] = [Reply(404, {"error": {"message": "The model `nope` does not exist."}})]
 
     async def go() -> OpenAIBackend:
         b = await make(fake)
@@ -489,9 +483,7 @@ def test_unknown_model_on_tokenize_is_not_mistaken_for_missing_support(fake: Fak
 
 def test_score_aligns_from_the_end_of_a_vllm_style_answer(fake: FakeServer) -> None:
     # Prompt tokens 10..13 are the template; the continuation "a cat" is tokens 20, 21.
-    entries = [None] + [
-        {str(t): {"logprob": -1.0, "rank": 1, "decoded_token": "x"}} for t in (11, 12, 13)
-    ]
+    entries = [None] + [{str(t): {"logprob": -1.0, "rank": 1, "decoded_token": "x"}} for t in (11, 12, 13)]
     entries += [
         {"20": {"logprob": -0.5, "rank": 1, "decoded_token": "a"}},
         {"21": {"logprob": -2.0, "rank": 3, "decoded_token": " cat"}},
@@ -564,17 +556,13 @@ def test_image_data_url_reaches_the_server(fmt: str, vllm_server: Any, engine_lo
     image = contract.make_image((30, 50, 220))
 
     async def go() -> list[Any]:
-        b = await OpenAIBackend.create(
-            vllm_server.model, base_url=vllm_server.base_url, image_format=fmt
-        )
+        b = await OpenAIBackend.create(vllm_server.model, base_url=vllm_server.base_url, image_format=fmt)
         try:
             return await b.generate(
                 [
                     GenerateRequest(prompt="What is this?", image=image, max_tokens=2),
                     GenerateRequest(prompt="What is this?", max_tokens=2),
-                    GenerateRequest(
-                        prompt="What is this?", image=image.convert("RGBA"), max_tokens=2
-                    ),
+                    GenerateRequest(prompt="What is this?", image=image.convert("RGBA"), max_tokens=2),
                 ]
             )
         finally:

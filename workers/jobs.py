@@ -148,8 +148,10 @@ def process_caption(ctx: JobContext, msg: JobMessage) -> str:
         if is_retryable_record(record):
             raise BackendError(record["error"]["message"])
         location = sink.write(b, j, {"image": msg.ref, "scalecap_record": record})
-    except (BackendError, SinkError) as exc:
-        error = _error("engine" if isinstance(exc, BackendError) else "sink", exc)
+    except Exception as exc:  # engine, sink or a bug: bounded retries, then the dead-letter list
+        stage = "engine" if isinstance(exc, BackendError) else "sink" if isinstance(exc, SinkError) else "worker"
+        error = _error(stage, exc)
+        log.warning("job %s of batch %s attempt %d failed: %s", j, b, attempt, exc)
         if attempt >= max_attempts:
             entry = {"batch_id": b, "job_id": j, "ref": msg.ref, "attempts": attempt, "error": error}
             ctx.completed(store.transition(b, j, "failed", dead_letter=entry, error=error), b)

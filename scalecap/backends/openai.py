@@ -79,6 +79,7 @@ class OpenAIBackend:
         self._client = client
         self._sem = asyncio.Semaphore(max_concurrency)
         self._closed = False
+        self._warned_alignment = False
 
     @classmethod
     async def create(
@@ -106,9 +107,7 @@ class OpenAIBackend:
             raise ConfigError(f"openai backend: base_url must be an http(s) URL, got {base_url!r}")
         fmt = image_format.upper()
         if fmt not in IMAGE_FORMATS:
-            raise ConfigError(
-                f"openai backend: image_format must be JPEG or PNG, got {image_format!r}"
-            )
+            raise ConfigError(f"openai backend: image_format must be JPEG or PNG, got {image_format!r}")
         if int(max_concurrency) < 1 or int(max_retries) < 0 or float(timeout) <= 0:
             raise ConfigError("openai backend: max_concurrency >= 1, max_retries >= 0, timeout > 0")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -176,9 +175,7 @@ class OpenAIBackend:
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise BackendError(
-                f"malformed chat completion from {self.base_url}: {data!r:.300}"
-            ) from exc
+            raise BackendError(f"malformed chat completion from {self.base_url}: {data!r:.300}") from exc
         usage = data.get("usage") or {}
         top = None
         if req.top_logprobs > 0:
@@ -203,10 +200,11 @@ class OpenAIBackend:
             "add_generation_prompt": False,
             "continue_final_message": True,
             "prompt_logprobs": 0,
+            "return_token_ids": True,
             "max_tokens": 1,
             "temperature": 0.0,
         }
-        n_tokens, data = await asyncio.gather(
+        (n_tokens, token_ids), data = await asyncio.gather(
             self._count_tokens(req.continuation),
             self._post(f"{self.base_url}/chat/completions", body, scoring=True),
         )
@@ -214,11 +212,17 @@ class OpenAIBackend:
         if not isinstance(entries, list):
             raise self._unsupported("its chat completions carry no prompt_logprobs")
         if n_tokens > len(entries) - 1:
-            raise BackendError(
-                f"continuation has {n_tokens} tokens but the prompt only {len(entries)}"
-            )
+            raise BackendError(f"continuation has {n_tokens} tokens but the prompt only {len(entries)}")
         ids = data.get("prompt_token_ids") or []
         tail_ids = ids[-n_tokens:] if len(ids) == len(entries) else [None] * n_tokens
+        if token_ids and ids and tail_ids != token_ids and not self._warned_alignment:
+            # The template merged a token across the assistant header and the continuation.
+            self._warned_alignment = True
+            log.warning(
+                "%s: continuation tokenised alone differs from the teacher-forced prompt's tail; "
+                "token scores near its start may be shifted",
+                self.model_name,
+            )
         pieces: list[str] = []
         logprobs: list[float] = []
         for entry, tid in zip(entries[len(entries) - n_tokens :], tail_ids, strict=True):
@@ -233,21 +237,20 @@ class OpenAIBackend:
             for (s, e), lp in zip(spans, logprobs, strict=True)
         ]
         usage = data.get("usage") or {}
-        return ScoreResult(
-            tokens=tokens, prompt_tokens=int(usage.get("prompt_tokens") or len(entries))
-        )
+        return ScoreResult(tokens=tokens, prompt_tokens=int(usage.get("prompt_tokens") or len(entries)))
 
-    async def _count_tokens(self, text: str) -> int:
-        """Tokens of `text` alone, from vLLM's /tokenize (at the server root, not under /v1)."""
+    async def _count_tokens(self, text: str) -> tuple[int, list[int]]:
+        """Token count and ids of `text` alone, from vLLM's /tokenize (at the server root)."""
         body = {"model": self.model_name, "prompt": text, "add_special_tokens": False}
         data = await self._post(f"{self.server_root}/tokenize", body, scoring=True)
+        tokens = data.get("tokens")
+        tokens = tokens if isinstance(tokens, list) else []
         count = data.get("count")
         if not isinstance(count, int):
-            tokens = data.get("tokens")
-            if not isinstance(tokens, list):
+            if not tokens:
                 raise self._unsupported("/tokenize returned no token count")
             count = len(tokens)
-        return count
+        return count, tokens
 
     async def _first_model(self) -> str:
         data = await self._request("GET", f"{self.base_url}/models", None)
@@ -265,9 +268,7 @@ class OpenAIBackend:
 
     # --- HTTP with retries -------------------------------------------------------------------
 
-    async def _post(
-        self, url: str, body: dict[str, Any], *, scoring: bool = False
-    ) -> dict[str, Any]:
+    async def _post(self, url: str, body: dict[str, Any], *, scoring: bool = False) -> dict[str, Any]:
         try:
             return await self._request("POST", url, body)
         except _Rejected as exc:
@@ -293,18 +294,14 @@ class OpenAIBackend:
                     try:
                         return resp.json()
                     except ValueError as exc:
-                        raise BackendError(
-                            f"non-JSON answer from {url}: {content[:200]!r}"
-                        ) from exc
+                        raise BackendError(f"non-JSON answer from {url}: {content[:200]!r}") from exc
                 message = _error_message(resp)
                 if resp.status_code not in RETRY_STATUSES:
                     raise _Rejected(resp.status_code, message)
                 failure = f"HTTP {resp.status_code}: {message}"
                 wait = _retry_after(resp.headers.get("retry-after"))
             if attempt >= self.max_retries:
-                raise RetryableBackendError(
-                    f"{method} {url} failed after {attempt + 1} attempts: {failure}"
-                )
+                raise RetryableBackendError(f"{method} {url} failed after {attempt + 1} attempts: {failure}")
             if wait is None:
                 ceiling = min(self.backoff_max, self.backoff_base * 2**attempt)
                 wait = ceiling / 2 + random.uniform(0, ceiling / 2)
@@ -351,9 +348,7 @@ def data_url(image: Image, fmt: str = "JPEG") -> str:
     return f"data:{IMAGE_FORMATS[fmt]};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-def _messages(
-    system: str | None, image_part: dict[str, Any] | None, prompt: str
-) -> list[dict[str, Any]]:
+def _messages(system: str | None, image_part: dict[str, Any] | None, prompt: str) -> list[dict[str, Any]]:
     """[system?, user: (image first,) text]: the image leads so its calls share one prefix.
 
     A text-only turn is a plain string, as in the in-process engines (scalecap.backends.chat):

@@ -1,0 +1,114 @@
+"""`scalecap worker`: one Celery worker process, pinned to its GPUs, holding one engine.
+
+It pins GPUs first (before anything imports torch or vLLM), creates the engine once in this
+process, then consumes with Celery's thread pool: `--concurrency` threads = images in flight, all
+feeding one engine, which batches across them. No fork happens after the engine exists. SIGTERM
+is Celery's warm shutdown: stop taking jobs, finish the ones in flight, then exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+from typing import Any
+
+log = logging.getLogger("scalecap.worker")
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    from scalecap.cli_options import add_engine_args
+
+    parser.add_argument("--gpus", default=None,
+                        help="CUDA_VISIBLE_DEVICES for this worker, e.g. 0 or 0,1 (env SCALECAP_GPUS)")
+    parser.add_argument("--queue", default=None,
+                        help="queue(s) to consume, comma separated (default: scalecap.gpu.<model>)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="images in flight in this worker (threads; env SCALECAP_CONCURRENCY)")
+    parser.add_argument("--io", action="store_true",
+                        help="an I/O worker: consume scalecap.io (webhooks) only; no engine, no GPU")
+    parser.add_argument("--broker-url", default=None, help="Redis URL (env SCALECAP_BROKER_URL)")
+    parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra backend option (VALUE parsed as JSON when it can be); repeatable")
+    parser.add_argument("--hostname", default=None, help="Celery node name (default scalecap-<queue>@host)")
+    parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="create the engine on the first job instead of before consuming")
+    add_engine_args(parser)
+
+
+def _backend_options(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--backend-option wants KEY=VALUE, got {pair!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(raw)
+        except ValueError:
+            out[key.replace("-", "_")] = raw
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    from scalecap.settings import Settings
+
+    settings = Settings.from_env().with_overrides(
+        broker_url=args.broker_url, gpus=args.gpus, concurrency=args.concurrency, queue=args.queue
+    )
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if not args.io:
+        # First, before any engine import: the GPUs this process may see.
+        from workers.gpu import pin_gpus
+
+        pinned = pin_gpus(settings.gpus)
+        if pinned is not None:
+            log.info("pinned to GPU(s) %s", pinned)
+
+    from scalecap.queue_protocol import IO_QUEUE, gpu_queue
+    from workers.app import create_app
+    from workers.tasks import register_tasks
+
+    runtime = None
+    if args.io:
+        queues = [IO_QUEUE]
+        concurrency = args.concurrency or 8
+    else:
+        from scalecap.cli_options import engine_options
+        from workers import engine
+
+        backend, model, options = engine_options(args, settings)
+        options.update(_backend_options(args.backend_option))
+        settings = settings.with_overrides(backend=backend, model=model)
+        queues = [q.strip() for q in (settings.queue or gpu_queue(model)).split(",") if q.strip()]
+        concurrency = settings.concurrency
+        runtime = engine.EngineRuntime(
+            backend, model, options, settings=settings, concurrency=concurrency
+        )
+        engine.configure(runtime)
+        if not args.no_warmup:
+            runtime.vlm()  # fail now, clearly, if the engine cannot start
+        log.info("engine ready: %s %s; consuming %s with %d job threads",
+                 backend, model, ",".join(queues), concurrency)
+
+    app = register_tasks(create_app(settings))
+    hostname = args.hostname or f"scalecap-{queues[0]}@{socket.gethostname()}"
+    worker = app.Worker(
+        queues=queues,
+        pool="threads",
+        concurrency=concurrency,
+        loglevel=args.loglevel.upper(),
+        hostname=hostname,
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        optimization="fair",
+    )
+    try:
+        worker.start()
+    finally:
+        if runtime is not None:
+            runtime.close()
+    return int(worker.exitcode or 0)
