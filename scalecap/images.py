@@ -427,7 +427,7 @@ def _forbidden_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str 
             return "6to4 of " + str(_forbidden_reason(ip.sixtofour))
         if ip in _NAT64:
             return _forbidden_reason(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    for attr in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    for attr in ("loopback", "link_local", "unspecified", "multicast", "private", "reserved"):
         if getattr(ip, "is_" + attr):
             return attr.replace("_", "-")
     if not ip.is_global:

@@ -152,6 +152,7 @@ def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     with tempfile.TemporaryDirectory(prefix=".tiny-build-", dir=out) as tmp:
         _build_into(Path(tmp), seed)
         for path in sorted(Path(tmp).iterdir(), key=lambda p: p.name == MARKER):
+            path.chmod(0o644)
             os.replace(path, out / path.name)
     return out
 

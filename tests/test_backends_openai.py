@@ -601,6 +601,7 @@ def test_score_aligns_with_the_servers_tokenizer(
         "add_generation_prompt": False,
         "continue_final_message": True,
         "prompt_logprobs": 0,
+        "return_token_ids": True,
         "max_tokens": 1,
     }
     raw = httpx.post(f"{vllm_server.base_url}/chat/completions", json=body, timeout=60).json()

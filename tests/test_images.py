@@ -15,6 +15,7 @@ import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import quote
 
 import numpy as np
@@ -140,7 +141,7 @@ def test_pillow_globals_are_left_alone(corpus):
     for name in ("truncated_jpeg", "truncated_png", "huge_png"):
         with pytest.raises(ImageError):
             load_image(corpus[name])
-    assert (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS) == before
+    assert before == (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS)
     assert before[0] is False
 
 
@@ -333,7 +334,7 @@ def test_limits_are_validated():
         ("192.168.1.1", "private"),
         ("169.254.169.254", "link-local"),
         ("224.0.0.1", "multicast"),
-        ("0.0.0.0", "private"),
+        ("0.0.0.0", "unspecified"),
         ("100.64.0.1", "not globally routable"),
         ("::1", "loopback"),
         ("fe80::1", "link-local"),
@@ -360,8 +361,8 @@ def test_threads_load_concurrently(corpus):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
-    hits: list[str] = []
+    routes: ClassVar[dict[str, tuple[int, dict[str, str], bytes]]] = {}
+    hits: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         self.hits.append(self.path)

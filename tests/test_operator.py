@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -41,7 +42,7 @@ def test_run_on_file_storage_with_bad_inputs(tmp_path, corpus):
 
     assert storage.writes == 1
     assert written == str(tmp_path / "cache" / "dataflow_cache_1.jsonl")
-    rows = [json.loads(line) for line in open(written)]
+    rows = [json.loads(line) for line in Path(written).read_text().splitlines()]
     assert len(rows) == len(lines), "count in = count out"
     by_name = {r.get("name"): r["scalecap_record"] for r in rows if r.get("name")}
     for name in GOOD:
@@ -84,7 +85,7 @@ def test_config_as_dict_and_json_storage(tmp_path, corpus):
     storage = FileStorage(str(src), cache_path=str(tmp_path / "c"), cache_type="json")
     op = ImageScaleCaptionGenerate(ScriptedVLM(), {"max_questions": 1, "second_filter": True})
     path = op.run(storage.step())
-    (row,) = json.loads(open(path).read())
+    (row,) = json.loads(Path(path).read_text())
     rec = row["scalecap_record"]
     assert len(rec["object_questions"]) == 1 and len(rec["position_questions"]) == 1
     assert rec["meta"]["config_hash"] == op.config.config_hash()

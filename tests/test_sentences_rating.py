@@ -34,7 +34,8 @@ def test_sentence_spans_locate_each_sentence():
 @pytest.mark.parametrize(
     ("text", "span", "content"),
     [("the red car", (0, 3), False), ("the red car", (4, 7), True), ("a car.", (5, 6), False),
-     ("two cars", (0, 3), True), ("the car is.", (8, 11), False), ("3 cars", (0, 1), True), ("skateboard", (4, 10), True)],
+     ("two cars", (0, 3), True), ("the car is.", (8, 11), False), ("3 cars", (0, 1), True),
+     ("skateboard", (4, 10), True)],
 )
 def test_content_tokens(text, span, content):
     assert is_content_token(text, *span) is content
