@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,12 +120,15 @@ def expand(
     sources: Iterable[Any] | str,
     *,
     image_key: str = "image",
-    s3_client: Any = None,
+    s3_client_factory: Callable[[], Any] | None = None,
 ) -> Iterator[SourceRow]:
     """Rows from any mix of: JSONL manifest paths, directories, s3:// manifests/prefixes/objects,
-    image paths or URLs, dicts with `image_key`, or an iterable of those."""
+    image paths or URLs, dicts with `image_key`, or an iterable of those.
+
+    `s3_client_factory` is called once, on the first s3:// source."""
     if isinstance(sources, (str, os.PathLike, dict)):
         sources = [sources]
+    s3_client = None
     for n, src in enumerate(sources, 1):
         if isinstance(src, dict):
             ref = src.get(image_key)
@@ -140,7 +143,9 @@ def expand(
         s = os.fspath(src)
         if s.startswith("s3://"):
             if s3_client is None:
-                raise ValueError(f"{s}: an S3 source needs S3 settings (SCALECAP_S3_*)")
+                if s3_client_factory is None:
+                    raise ValueError(f"{s}: an S3 source needs S3 settings (SCALECAP_S3_*)")
+                s3_client = s3_client_factory()
             yield from s3_rows(s, s3_client, image_key=image_key)
         elif s.startswith(_URL_SCHEMES):
             yield SourceRow(s)

@@ -38,14 +38,18 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
 
 
-def _row_key(row: dict[str, Any], image_key: str) -> str:
+def _row_key(row: dict[str, Any], image_key: str, output_key: str) -> str:
+    """What identifies an input row in the output: its image, else its raw text or fields."""
     ref = row.get(image_key)
     if isinstance(ref, str) and ref:
         return "image:" + ref
-    return "raw:" + str(row.get("_raw", json.dumps({k: v for k, v in row.items()}, sort_keys=True)))
+    if "_raw" in row:
+        return "raw:" + str(row["_raw"])
+    fields = {k: v for k, v in row.items() if k not in (output_key, "_error")}
+    return "row:" + json.dumps(fields, sort_keys=True)
 
 
-def _done_keys(output: Path, image_key: str) -> Counter[str]:
+def _done_keys(output: Path, image_key: str, output_key: str) -> Counter[str]:
     done: Counter[str] = Counter()
     if not output.exists():
         return done
@@ -56,7 +60,7 @@ def _done_keys(output: Path, image_key: str) -> Counter[str]:
             except json.JSONDecodeError:
                 continue  # a line cut by an interruption: that row runs again
             if isinstance(row, dict):
-                done[_row_key(row, image_key)] += 1
+                done[_row_key(row, image_key, output_key)] += 1
     return done
 
 
@@ -95,13 +99,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"scalecap caption: cannot read input {inp}", file=sys.stderr)
         return 2
     total = sum(1 for line in inp.open(encoding="utf-8", errors="replace") if line.strip())
-    done = _done_keys(out, args.image_key)
+    done = _done_keys(out, args.image_key, args.output_key)
     skipped = 0
 
     def pending() -> Iterator[dict[str, Any]]:
         nonlocal skipped
         for row in _rows(inp):
-            key = _row_key(row, args.image_key)
+            key = _row_key(row, args.image_key, args.output_key)
             if done[key] > 0:
                 done[key] -= 1
                 skipped += 1

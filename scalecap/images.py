@@ -96,12 +96,18 @@ class ImageLimits:
             raise ConfigError("ImageLimits.max_pixels must be >= min_pixels")
         if self.http_timeout <= 0:
             raise ConfigError("ImageLimits.http_timeout must be > 0")
-        try:
-            self._networks = tuple(
-                ipaddress.ip_network(n, strict=False) for n in self.allowed_networks
-            )
-        except ValueError as exc:
-            raise ConfigError(f"ImageLimits.allowed_networks: {exc}") from exc
+        if isinstance(self.allowed_roots, (str, os.PathLike)):  # one root, not its characters
+            self.allowed_roots = [self.allowed_roots]
+        if isinstance(self.allowed_networks, str):
+            self.allowed_networks = [self.allowed_networks]
+        _networks(self)
+
+
+def _networks(limits: ImageLimits) -> tuple[Any, ...]:
+    try:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in limits.allowed_networks)
+    except ValueError as exc:
+        raise ConfigError(f"ImageLimits.allowed_networks: {exc}") from exc
 
 
 # -- references --------------------------------------------------------------------------------
@@ -178,7 +184,8 @@ def load_image(source: Any, *, limits: ImageLimits | None = None) -> Image.Image
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         _warn_truncated_once()
     if kind == "image":
-        return _finish(_check_and_load(source, limits, desc), limits, desc, in_place=False)
+        im = _check_and_load(source, limits, desc, draft=False)  # draft would alter the caller's
+        return _finish(im, limits, desc, in_place=False)
     hint = ""
     if kind == "bytes":
         data = bytes(source)
@@ -243,7 +250,11 @@ def _read_local(source: str | os.PathLike[str], limits: ImageLimits, desc: str) 
         if st.st_size > limits.max_bytes:
             raise ImageTooLarge(f"{desc}: {st.st_size} bytes is over max_bytes={limits.max_bytes}")
         with open(real, "rb") as fh:
-            data = fh.read(limits.max_bytes + 1)
+            # read(n) allocates n bytes up front: ask for what stat promised, not the cap.
+            want = min(st.st_size, limits.max_bytes) + 1
+            data = fh.read(want)
+            if len(data) == want:  # bigger than stat said (still growing, or a /proc file)
+                data += fh.read(limits.max_bytes + 1 - len(data))
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise ImageNotFound(f"{desc}: no such file") from exc
     except PermissionError as exc:
@@ -298,7 +309,12 @@ def _fetch_http(url: str, limits: ImageLimits, desc: str) -> tuple[bytes, str]:
         timeout=limits.http_timeout,
         follow_redirects=False,
         trust_env=False,
-        headers={"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.5"},
+        # identity: images are compressed already, and a gzip bomb expands a chunk 1000-fold.
+        headers={
+            "User-Agent": _USER_AGENT,
+            "Accept": "image/*,*/*;q=0.5",
+            "Accept-Encoding": "identity",
+        },
     )
     current = url
     with client:
@@ -314,7 +330,7 @@ def _fetch_http(url: str, limits: ImageLimits, desc: str) -> tuple[bytes, str]:
                     _check_status(resp.status_code, resp.reason_phrase, where)
                     ctype = resp.headers.get("content-type", "")
                     return _read_capped(resp, limits, where, deadline), ctype
-            except ImageAccessDenied as exc:
+            except _AddressRefused as exc:
                 raise ImageAccessDenied(f"{where}: {exc}") from exc
             except httpx.TimeoutException as exc:
                 raise ImageError(f"{where}: timed out ({type(exc).__name__})") from exc
@@ -337,9 +353,7 @@ def _check_status(status: int, reason: str, where: str) -> None:
 def _read_capped(resp: Any, limits: ImageLimits, where: str, deadline: float) -> bytes:
     declared = resp.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limits.max_bytes:
-        raise ImageTooLarge(
-            f"{where}: Content-Length {declared} is over max_bytes={limits.max_bytes}"
-        )
+        raise ImageTooLarge(f"{where}: Content-Length {declared} is over max_bytes={limits.max_bytes}")
     buf = bytearray()
     for chunk in resp.iter_bytes(_CHUNK):
         buf += chunk
@@ -408,9 +422,7 @@ def _default_s3_client() -> Any:
             try:
                 import boto3
             except ImportError as exc:
-                raise ImageError(
-                    "s3:// images need boto3: pip install 'scalecap-fleet[producer]'"
-                ) from exc
+                raise ImageError("s3:// images need boto3: pip install 'scalecap-fleet[producer]'") from exc
             client = _s3_clients[key] = boto3.client("s3", **kwargs)
     return client
 
@@ -438,6 +450,10 @@ def _forbidden_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
+class _AddressRefused(ImageAccessDenied):
+    """Raised inside the transport; re-raised as ImageAccessDenied with the source's name."""
+
+
 def _vetted_addresses(host: str, port: int, networks: Sequence[Any]) -> list[str]:
     """Every address `host` resolves to, or ImageAccessDenied if any one of them is not public."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -447,9 +463,7 @@ def _vetted_addresses(host: str, port: int, networks: Sequence[Any]) -> list[str
         reason = _forbidden_reason(ip)
         if reason and not any(ip in net for net in networks):
             shown = f"host {host}" + ("" if host == addr else f" resolves to {addr}")
-            raise ImageAccessDenied(
-                f"{shown}, a {reason} address: refused (allow_private_urls is off)"
-            )
+            raise _AddressRefused(f"{shown}, a {reason} address: refused (allow_private_urls is off)")
     return addrs
 
 
@@ -466,7 +480,7 @@ def _public_only_transport(limits: ImageLimits) -> Any:
     with _transport_lock:
         if not _transport_classes:
             _transport_classes["transport"] = _build_transport_class()
-    return _transport_classes["transport"](limits._networks)
+    return _transport_classes["transport"](_networks(limits))
 
 
 def _build_transport_class() -> type:
@@ -535,16 +549,14 @@ def _decode(data: bytes, limits: ImageLimits, desc: str, hint: str = "") -> Imag
         raise ImageTooLarge(f"{desc}: too many pixels to decode: {exc}") from exc
     except UnidentifiedImageError as exc:
         what = f" ({hint})" if hint else ""
-        raise NotAnImage(
-            f"{desc}: not an image format Pillow can read{what}; starts {data[:12]!r}"
-        ) from exc
+        raise NotAnImage(f"{desc}: not an image format Pillow can read{what}; starts {data[:12]!r}") from exc
     except _DECODE_ERRORS as exc:
         raise TruncatedImage(f"{desc}: image header is cut short or corrupt: {exc}") from exc
-    im = _check_and_load(im, limits, desc)
+    im = _check_and_load(im, limits, desc, draft=True)
     return _finish(im, limits, desc, in_place=True)
 
 
-def _check_and_load(im: Image.Image, limits: ImageLimits, desc: str) -> Image.Image:
+def _check_and_load(im: Image.Image, limits: ImageLimits, desc: str, *, draft: bool) -> Image.Image:
     """Refuse by header size, pick a cheaper JPEG scale if downscaling anyway, then decode fully."""
     w, h = im.size
     if w < 1 or h < 1:
@@ -553,7 +565,8 @@ def _check_and_load(im: Image.Image, limits: ImageLimits, desc: str) -> Image.Im
         raise ImageTooLarge(
             f"{desc}: {w}x{h} = {w * h} pixels is over max_decode_pixels={limits.max_decode_pixels}"
         )
-    if getattr(im, "format", None) == "JPEG" and w * h > 4 * limits.max_pixels:
+    if draft and getattr(im, "format", None) == "JPEG" and w * h > limits.max_pixels:
+        # DCT scaling (1/2, 1/4, 1/8) to no less than the target: a no-op when too close.
         scale = math.sqrt(limits.max_pixels / (w * h))
         im.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
     try:
@@ -567,6 +580,8 @@ def _check_and_load(im: Image.Image, limits: ImageLimits, desc: str) -> Image.Im
 
 
 def _finish(im: Image.Image, limits: ImageLimits, desc: str, *, in_place: bool) -> Image.Image:
+    """Orientation, RGB, size. With in_place=False the result never is the caller's object."""
+    original = im
     try:
         if in_place:
             ImageOps.exif_transpose(im, in_place=True)
@@ -575,7 +590,7 @@ def _finish(im: Image.Image, limits: ImageLimits, desc: str, *, in_place: bool) 
     except Exception as exc:  # a damaged EXIF block should not cost the image
         log.debug("%s: EXIF orientation ignored: %s", desc, exc)
     out = _fit(_to_rgb(im, desc), limits)
-    return out.copy() if out is im and not in_place else out
+    return out.copy() if out is original and not in_place else out
 
 
 _HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -603,9 +618,7 @@ def _to_8bit(arr: np.ndarray, mode: str) -> np.ndarray:
     Mode I holds 16-bit sources (PGM, some TIFFs) as int32, so values within 0..65535 are taken
     as 16-bit; floats within 0..1 as fractions.
     """
-    if mode.startswith("I;16") or (
-        mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 65535
-    ):
+    if mode.startswith("I;16") or (mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 65535):
         return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     a = np.nan_to_num(arr.astype(np.float64))
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)

@@ -65,18 +65,21 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# fmt: off
 _SUBJECTS = [
     "man", "woman", "child", "dog", "cat", "car", "bicycle", "tree", "house", "boat", "bird",
     "horse", "table", "chair", "lamp", "cup", "book", "sign", "train", "bus", "flower", "window",
     "door", "bench", "umbrella", "kite", "bottle", "plate", "laptop", "phone", "clock", "bridge",
 ]
 _COLOURS = ["red", "green", "blue", "yellow", "white", "black", "brown", "grey", "orange", "pink"]
+# fmt: on
 _PLACES = [
-    "on the left", "on the right", "in the center", "at the top", "at the bottom",
-    "in the background", "in the foreground", "near the edge", "next to the wall", "under the sky",
+    *("on the left", "on the right", "in the center", "at the top", "at the bottom"),
+    *("in the background", "in the foreground", "near the edge", "next to the wall", "under the sky"),
 ]
 _ACTIONS = [
-    "stands", "sits", "lies", "rests", "waits", "leans", "hangs", "appears", "is visible", "is parked",
+    *("stands", "sits", "lies", "rests", "waits", "leans", "hangs", "appears", "is visible"),
+    "is parked",
 ]
 _TEMPLATES = [
     "A {c} {s} {a} {p}.",

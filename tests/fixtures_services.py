@@ -27,6 +27,7 @@ import sysconfig
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -150,7 +151,7 @@ class _Process:
 
 
 class RedisServer(_Process):
-    """A real `redis-server` on a free loopback port, no persistence (data dies with it)."""
+    """A real `redis-server` on a free loopback port, no persistence: `restart()` empties it."""
 
     name = "redis-server"
     databases = 1000
@@ -324,7 +325,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def s3_bucket(s3_server: S3Server) -> str:
+def s3_bucket(s3_server: S3Server) -> Iterator[str]:
     """A fresh, empty bucket name for one test; emptied and removed afterwards (best effort)."""
     if not s3_server.running:
         s3_server.start()
@@ -392,9 +393,7 @@ class WebhookReceiver:
         verified = verify_webhook(self.secret, headers, body)
         with self._cond:
             status, retry_after = self._failures.pop(0) if self._failures else (200, None)
-            self.requests.append(
-                ReceivedWebhook(path, headers, body, verified, status, time.time())
-            )
+            self.requests.append(ReceivedWebhook(path, headers, body, verified, status, time.time()))
             self._cond.notify_all()
         return status, retry_after
 
@@ -428,9 +427,7 @@ def webhook_receiver():
     server.daemon_threads = True
     server.block_on_close = False  # a client holding a connection open cannot stall teardown
     receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    thread = threading.Thread(
-        target=server.serve_forever, args=(0.05,), name="webhook-receiver", daemon=True
-    )
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="webhook-receiver", daemon=True)
     thread.start()
     try:
         yield receiver

@@ -115,7 +115,7 @@ def _files() -> dict[str, bytes | None]:
         "rgba_png": encode(halves((64, 64), (0, 0, 0, 0), (255, 0, 0, 128), "RGBA"), "PNG"),
         "palette_png": encode(palette, "PNG", transparency=0),
         "tiny_png": encode(Image.new("RGB", (10, 10), GREEN), "PNG"),
-        "big_jpeg": encode(Image.new("RGB", (2000, 1500), BLUE), "JPEG"),
+        "big_jpeg": encode(Image.new("RGB", (2400, 1800), BLUE), "JPEG"),
         "missing": None,
         "empty": b"",
         "truncated_jpeg": jpeg[: len(jpeg) // 2],

@@ -123,7 +123,7 @@ def test_small_images_are_upscaled_and_large_ones_downscaled_keeping_aspect(corp
     limits = ImageLimits()
     tiny = load_image(corpus["tiny_png"], limits=limits)  # 10x10
     assert tiny.width == tiny.height and tiny.width * tiny.height >= limits.min_pixels
-    big = load_image(corpus["big_jpeg"], limits=limits)  # 2000x1500 JPEG, decoded in draft mode
+    big = load_image(corpus["big_jpeg"], limits=limits)  # 2400x1800 JPEG: DCT-scaled by 1/2, then resized
     assert big.width * big.height <= limits.max_pixels
     assert abs(big.width / big.height - 4 / 3) < 0.01
     small = load_image(corpus["big_jpeg"], limits=ImageLimits(min_pixels=100, max_pixels=1000))
@@ -185,7 +185,7 @@ def test_20000x20000_png_is_refused_without_allocating_its_bitmap(corpus):
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
-    assert int(out.stdout.strip()) < 20 * 1024  # KiB; the 1-bit bitmap alone would be 48 MiB
+    assert int(out.stdout.strip()) < 20 * 1024  # KiB; decoding it would take ~380 MiB (a byte per pixel)
 
 
 # ----------------------------------------------------------------------------- local sources
@@ -210,11 +210,14 @@ def test_bytes_path_str_file_uri_and_data_uri_all_load(corpus, tmp_path):
         assert (im.mode, im.size) == ("RGB", (96, 64)), describe_source(source)
 
 
-def test_pil_input_is_converted_without_touching_the_callers_image():
+def test_pil_input_is_converted_without_touching_the_callers_image(corpus):
     rgba = Image.new("RGBA", (80, 60), (0, 0, 0, 0))
     im = load_image(rgba)
     assert rgba.mode == "RGBA" and im is not rgba
     assert im.getpixel((0, 0)) == (255, 255, 255)
+    lazy_jpeg = Image.open(corpus["big_jpeg"])  # not loaded yet: no draft mode on it
+    assert load_image(lazy_jpeg).size == load_image(corpus["big_jpeg"]).size
+    assert lazy_jpeg.size == (2400, 1800)
     rgb = Image.new("RGB", (80, 60), (9, 9, 9))
     out = load_image(rgb)
     out.putpixel((0, 0), (1, 1, 1))
@@ -275,6 +278,8 @@ def test_allowed_roots_confine_local_paths(corpus, tmp_path):
         load_image(root / "nope.png", limits=limits)
     with pytest.raises(ImageAccessDenied, match="not allowed"):
         load_image(inside, limits=ImageLimits(allowed_roots=[]))
+    with pytest.raises(ImageAccessDenied):  # one root as a plain string, not its characters
+        load_image(outside, limits=ImageLimits(allowed_roots=str(root)))
     # In-memory sources never touch the file system, so roots do not apply.
     assert load_image(inside.read_bytes(), limits=ImageLimits(allowed_roots=[])).mode == "RGB"
 
@@ -435,8 +440,9 @@ def test_http_status_errors_are_typed(http_base):
     with pytest.raises(ImageNotFound, match="404") as info:
         load_image(f"{http_base}/missing.jpg?sig=secret", limits=OPEN)
     assert f"{http_base}/missing.jpg?…" in str(info.value) and "secret" not in str(info.value)
-    with pytest.raises(ImageAccessDenied, match="403"):
+    with pytest.raises(ImageAccessDenied, match="403") as info:
         load_image(f"{http_base}/forbidden.jpg", limits=OPEN)
+    assert str(info.value) == f"{http_base}/forbidden.jpg: HTTP 403 Forbidden"
     with pytest.raises(ImageError, match="500"):
         load_image(f"{http_base}/error.jpg", limits=OPEN)
     with pytest.raises(NotAnImage, match="text/html"):

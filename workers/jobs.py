@@ -149,7 +149,9 @@ def process_caption(ctx: JobContext, msg: JobMessage) -> str:
             raise BackendError(record["error"]["message"])
         location = sink.write(b, j, {"image": msg.ref, "scalecap_record": record})
     except Exception as exc:  # engine, sink or a bug: bounded retries, then the dead-letter list
-        stage = "engine" if isinstance(exc, BackendError) else "sink" if isinstance(exc, SinkError) else "worker"
+        stage = "worker"
+        if isinstance(exc, (BackendError, SinkError)):
+            stage = "engine" if isinstance(exc, BackendError) else "sink"
         error = _error(stage, exc)
         log.warning("job %s of batch %s attempt %d failed: %s", j, b, attempt, exc)
         if attempt >= max_attempts:

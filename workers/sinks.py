@@ -140,9 +140,7 @@ class S3Sink:
         """Locations of every record of a batch (the export file excluded), in key order."""
         prefix = self._key(_check_id("batch_id", batch_id)) + "/"
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix
-            )
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
             for page in pages:
                 for obj in page.get("Contents", []):
                     if obj["Key"].endswith(".json"):

@@ -64,6 +64,7 @@ class TransformersBackend:
         max_batch_size: int = 16,
         max_model_len: int | None = None,
         trust_remote_code: bool = False,
+        **unknown: Any,
     ) -> TransformersBackend:
         """Load the model and processor in a worker thread.
 
@@ -71,12 +72,16 @@ class TransformersBackend:
         dtype: "auto" (the checkpoint's dtype on CUDA, float32 on CPU), or a torch dtype name.
         max_model_len: longest prompt + completion accepted (default: the model's positions).
         """
+        if unknown:
+            raise ConfigError(f"unknown transformers backend option(s): {', '.join(sorted(unknown))}")
         if max_batch_size < 1:
             raise ConfigError("max_batch_size must be >= 1")
         try:
             import torch
         except ImportError as exc:
-            raise ConfigError(f"torch is not installed: {exc} (pip install 'scalecap-fleet[transformers]')") from exc
+            raise ConfigError(
+                f"torch is not installed: {exc} (pip install 'scalecap-fleet[transformers]')"
+            ) from exc
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import itertools
 import math
 import uuid
@@ -97,9 +98,7 @@ class VLLMBackend:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid vLLM engine options: {exc}") from exc
 
-        renderer = await asyncio.to_thread(
-            ChatRenderer.load, model, trust_remote_code=trust_remote_code
-        )
+        renderer = await asyncio.to_thread(ChatRenderer.load, model, trust_remote_code=trust_remote_code)
         try:
             # Created on this loop's thread: the engine's client and output task belong to it.
             engine = AsyncLLM.from_engine_args(args)
@@ -176,9 +175,7 @@ class VLLMBackend:
         cont_ids, offsets = self.renderer.encode_continuation(req.continuation)
         if not cont_ids:
             return ScoreResult(tokens=[], prompt_tokens=0)
-        prompt: dict[str, Any] = {
-            "prompt_token_ids": self.renderer.encode_prefix(prefix) + cont_ids
-        }
+        prompt: dict[str, Any] = {"prompt_token_ids": self.renderer.encode_prefix(prefix) + cont_ids}
         if req.image is not None:
             prompt["multi_modal_data"] = {"image": req.image}
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
@@ -205,6 +202,10 @@ class VLLMBackend:
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()
+            del engine
+            # The engine sits in reference cycles; collect it now, while the interpreter is whole,
+            # rather than at exit (where its __del__ prints a spurious TypeError).
+            gc.collect()
 
 
 def _by_text(position: Any, renderer: ChatRenderer) -> dict[str, float]:

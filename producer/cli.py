@@ -1,0 +1,208 @@
+"""The `scalecap` command: caption, worker, submit, status, results, cancel, api.
+
+Each command's implementation is imported when that command runs, so `scalecap --help` and the
+producer commands never load torch or vLLM (a producer machine need not have them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+COMMANDS: dict[str, str] = {
+    "caption": "caption a JSONL manifest in process (no queue)",
+    "worker": "run a GPU-pinned Celery worker holding one engine (or an --io worker)",
+    "submit": "submit images to the fleet as one batch",
+    "status": "print a batch's status as JSON",
+    "results": "write a batch's records as JSONL",
+    "cancel": "cancel a batch (queued jobs are not run)",
+    "api": "serve the HTTP API (not available yet)",
+}
+
+
+# --- producer commands ----------------------------------------------------------------------
+
+
+def _add_broker(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker-url", default=None, help="Redis URL (env SCALECAP_BROKER_URL)")
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from producer.client import FleetClient
+    from scalecap.settings import Settings
+
+    return FleetClient(Settings.from_env(broker_url=args.broker_url))
+
+
+def add_submit_args(p: argparse.ArgumentParser) -> None:
+    from scalecap.cli_options import add_config_args
+
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="JSONL manifest, directory, s3://bucket/prefix, or image path/URL")
+    p.add_argument("--sink", default="redis",
+                   help="where records go: s3://bucket/prefix or redis (default: redis)")
+    p.add_argument("--webhook", default=None, help="URL that receives the signed batch.completed event")
+    p.add_argument("--batch-id", default=None, help="id of the batch (default: a new random id)")
+    p.add_argument("--model", default=None, help="model whose workers run the jobs (env SCALECAP_MODEL)")
+    p.add_argument("--queue", default=None, help="queue to send to (default: scalecap.gpu.<model>)")
+    p.add_argument("--image-key", default="image", help="manifest field holding the image")
+    p.add_argument("--wait", action="store_true", help="show progress and wait until the batch ends")
+    _add_broker(p)
+    add_config_args(p)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from scalecap.cli_options import config_from_args
+
+    client = _client(args)
+    config = config_from_args(args)
+    bar = None
+    if args.wait:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="submitted", unit="img", file=sys.stderr)
+    result = client.submit(
+        args.sources,
+        sink=args.sink,
+        webhook=args.webhook,
+        config=config,
+        batch_id=args.batch_id,
+        model=args.model,
+        queue=args.queue,
+        image_key=args.image_key,
+        on_progress=(lambda n: bar.update(n - bar.n)) if bar is not None else None,
+    )
+    if bar is not None:
+        bar.close()
+    print(json.dumps(result.to_dict()), flush=True)
+    if not args.wait:
+        return 0
+    from tqdm import tqdm
+
+    with tqdm(desc="captioned", unit="img", file=sys.stderr) as bar:
+
+        def progress(st: dict[str, Any]) -> None:
+            bar.total = st["total"]
+            bar.set_postfix(done=st["done"], failed=st["failed"], running=st["running"])
+            bar.update(st["done"] + st["failed"] + st["cancelled"] - bar.n)
+
+        status = client.wait(result.batch_id, progress)
+    print(json.dumps(status), flush=True)
+    return 0
+
+
+def add_status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("batch_id", metavar="BATCH")
+    _add_broker(p)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    print(json.dumps(_client(args).status(args.batch_id), indent=2))
+    return 0
+
+
+def add_results_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("batch_id", metavar="BATCH")
+    p.add_argument("-o", "--output", default="-", help="JSONL file (default: stdout)")
+    p.add_argument("--export", action="store_true",
+                   help="S3 sinks: also write records.jsonl next to the records and print its URL")
+    _add_broker(p)
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    client = _client(args)
+    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    n = 0
+    try:
+        for row in client.results(args.batch_id):
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"{n} rows", file=sys.stderr)
+    if args.export:
+        print(client.export(args.batch_id))
+    return 0
+
+
+def add_cancel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("batch_id", metavar="BATCH")
+    _add_broker(p)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    print(json.dumps(_client(args).cancel(args.batch_id), indent=2))
+    return 0
+
+
+def add_api_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    print("scalecap api: the HTTP API is not available yet; use scalecap submit/status/results/"
+          "cancel or producer.client.FleetClient", file=sys.stderr)
+    return 2
+
+
+# --- engine commands: their modules load only when they run --------------------------------
+
+
+def _lazy(module: str, attr: str) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(*args)
+
+    return call
+
+
+HANDLERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[..., int]]] = {
+    "caption": (_lazy("scalecap.cli_caption", "add_cli_args"), _lazy("scalecap.cli_caption", "main")),
+    "worker": (_lazy("workers.cli", "add_cli_args"), _lazy("workers.cli", "main")),
+    "submit": (add_submit_args, cmd_submit),
+    "status": (add_status_args, cmd_status),
+    "results": (add_results_args, cmd_results),
+    "cancel": (add_cancel_args, cmd_cancel),
+    "api": (add_api_args, cmd_api),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s arguments are built (others appear by name and help)."""
+    parser = argparse.ArgumentParser(
+        prog="scalecap",
+        description="ScaleCap dense image captions: in process, or on a Celery/Redis GPU fleet.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            HANDLERS[name][0](p)
+        else:
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    from scalecap.errors import ScaleCapError
+
+    try:
+        return int(HANDLERS[args.command][1](args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ScaleCapError, ValueError, OSError) as exc:
+        print(f"scalecap {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

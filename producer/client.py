@@ -1,0 +1,334 @@
+"""FleetClient: submit batches to the fleet, follow them, read their results, cancel them.
+
+The library behind `scalecap submit/status/results/cancel` (and the HTTP API). It needs Redis,
+Celery (to publish jobs by task name) and boto3 for S3 sinks, never torch or vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from scalecap.config import ImageScaleCaptionGenerateConfig
+from scalecap.errors import ConfigError, ScaleCapError
+from scalecap.queue_protocol import (
+    IO_QUEUE,
+    TASK_CAPTION,
+    BatchStore,
+    JobMessage,
+    check_batch_id,
+    counts,
+    fleet_job_id,
+    gpu_queue,
+    job_key,
+    new_batch_id,
+    webhook_attempts_key,
+)
+from scalecap.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHUNK = 500
+"""Jobs registered (one Redis round trip) and published per flush while streaming a source."""
+FLUSH_SECONDS = 0.25
+"""A partial chunk is flushed after this long, so a slow source still starts work early."""
+
+
+class BatchNotFound(ScaleCapError, KeyError):
+    """No batch with this id in this Redis."""
+
+
+@dataclass
+class SubmitResult:
+    batch_id: str
+    queue: str
+    submitted: int
+    """Jobs new to this batch and queued."""
+    failed: int
+    """Rows that could not become jobs (bad lines): counted failed with an error record."""
+    duplicates: int
+    """Rows whose image the batch already held (repeated lines, a resubmission)."""
+    completed: bool
+    """The batch was already finished when submission closed (e.g. every row was bad)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _config(config: Any) -> ImageScaleCaptionGenerateConfig:
+    if config is None:
+        return ImageScaleCaptionGenerateConfig()
+    if isinstance(config, ImageScaleCaptionGenerateConfig):
+        return config
+    if isinstance(config, dict):
+        return ImageScaleCaptionGenerateConfig.from_dict(config)
+    return ImageScaleCaptionGenerateConfig.from_file(config)
+
+
+class FleetClient:
+    """One producer's view of the fleet: Redis for state, Celery (by task name) for jobs."""
+
+    def __init__(self, settings: Settings | None = None, *, redis_client: Any = None) -> None:
+        import redis
+
+        from workers.app import create_app
+
+        self.settings = settings or Settings.from_env()
+        self.redis = redis_client or redis.Redis.from_url(self.settings.broker_url)
+        self.store = BatchStore(self.redis)
+        self.app = create_app(self.settings)
+        self._sinks: dict[str, Any] = {}
+
+    # --- sinks ------------------------------------------------------------------------
+
+    def sink(self, url: str) -> Any:
+        """The sink for `url`, opened once (an S3 sink checks its bucket when opened)."""
+        if url not in self._sinks:
+            from workers.sinks import open_sink
+
+            self._sinks[url] = open_sink(url, settings=self.settings, redis_client=self.redis)
+        return self._sinks[url]
+
+    def _s3_client(self) -> Any:
+        from workers.sinks import s3_client
+
+        return s3_client(self.settings)
+
+    # --- submit ------------------------------------------------------------------------
+
+    def submit(
+        self,
+        source: Iterable[Any] | str,
+        *,
+        sink: str = "redis",
+        webhook: str | None = None,
+        config: Any = None,
+        batch_id: str | None = None,
+        model: str | None = None,
+        queue: str | None = None,
+        image_key: str = "image",
+        on_progress: Callable[[int], None] | None = None,
+    ) -> SubmitResult:
+        """Stream `source` into a batch: each job is published as soon as it is read.
+
+        Constant memory whatever the source's size; workers start on the first chunk while the
+        rest is still being read. Resubmitting the same images under the same config (to this or
+        another batch) is idempotent: finished images are not captioned or written again.
+        """
+        from producer.sources import expand
+
+        cfg = _config(config)
+        model = model or self.settings.model
+        queue = queue or gpu_queue(model)
+        batch_id = check_batch_id(batch_id) if batch_id else new_batch_id()
+        if webhook and not webhook.startswith(("http://", "https://")):
+            raise ConfigError(f"webhook must be an http(s) URL, got {webhook!r}")
+        self.sink(sink)  # unknown sink or missing bucket: fail before anything is queued
+        config_hash = cfg.config_hash()
+        self.store.create_batch(
+            batch_id,
+            config=cfg.to_public_dict(),  # secrets stay with the workers' settings
+            config_hash=config_hash,
+            model=model,
+            queue=queue,
+            sink=sink,
+            webhook=webhook,
+        )
+        result = SubmitResult(batch_id, queue, 0, 0, 0, False)
+        chunk: list[tuple[str, str, dict[str, Any] | None]] = []
+        started = time.monotonic()
+
+        with self.app.producer_or_acquire() as producer:
+
+            def flush() -> None:
+                if not chunk:
+                    return
+                new = self.store.register_jobs(batch_id, chunk)
+                for (jid, ref, error), is_new in zip(chunk, new, strict=True):
+                    if not is_new:
+                        result.duplicates += 1
+                    elif error:
+                        result.failed += 1
+                    else:
+                        msg = JobMessage(batch_id=batch_id, job_id=jid, ref=ref)
+                        self.app.send_task(TASK_CAPTION, args=[msg.to_json()], queue=queue,
+                                           producer=producer)
+                        result.submitted += 1
+                chunk.clear()
+                if on_progress is not None:
+                    on_progress(result.submitted + result.failed + result.duplicates)
+
+            for row in expand(source, image_key=image_key, s3_client_factory=self._s3_client):
+                if row.error:
+                    jid = fleet_job_id("bad-row:" + row.ref, config_hash, model)
+                else:
+                    jid = fleet_job_id(row.ref, config_hash, model)
+                chunk.append((jid, row.ref, row.error))
+                if len(chunk) >= CHUNK or time.monotonic() - started > FLUSH_SECONDS:
+                    flush()
+                    started = time.monotonic()
+            flush()
+
+        t = self.store.close(batch_id)
+        result.completed = t.completed
+        if t.completed:
+            self._on_completed(batch_id)
+        return result
+
+    def _on_completed(self, batch_id: str) -> None:
+        from workers.tasks import enqueue_completion
+
+        enqueue_completion(self.app, self.store, batch_id)
+
+    # --- follow ------------------------------------------------------------------------
+
+    def _batch(self, batch_id: str) -> dict[str, str]:
+        batch = self.store.batch(batch_id)
+        if batch is None:
+            raise BatchNotFound(f"no batch {batch_id!r} in {self.settings.broker_url}")
+        return batch
+
+    def status(self, batch_id: str) -> dict[str, Any]:
+        """Counters, state, sink, timestamps, webhook attempts and dead-letter count."""
+        b = self._batch(batch_id)
+        c = counts(b)
+        if b.get("finished_at"):
+            state = "cancelled" if b.get("cancel_requested") == "1" else "finished"
+        elif b.get("closed") != "1":
+            state = "submitting"
+        elif b.get("cancel_requested") == "1":
+            state = "cancelling"
+        else:
+            state = "running" if b.get("started_at") else "queued"
+        attempts = [json.loads(x) for x in self.redis.lrange(webhook_attempts_key(batch_id), 0, -1)]
+
+        def ts(name: str) -> float | None:
+            v = b.get(name)
+            return float(v) if v else None
+
+        return {
+            "batch_id": batch_id,
+            "state": state,
+            **c,
+            "sink": b.get("sink"),
+            "model": b.get("model"),
+            "queue": b.get("queue"),
+            "config_hash": b.get("config_hash"),
+            "webhook": b.get("webhook") or None,
+            "webhook_status": b.get("webhook_status"),
+            "webhook_attempts": attempts,
+            "created_at": ts("created_at"),
+            "started_at": ts("started_at"),
+            "closed_at": ts("closed_at"),
+            "finished_at": ts("finished_at"),
+        }
+
+    def wait(
+        self,
+        batch_id: str,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        poll: float = 0.5,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the batch finishes; `progress(status)` is called on every poll."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.status(batch_id)
+            if progress is not None:
+                progress(st)
+            if st["finished_at"] is not None:
+                return st
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"batch {batch_id} not finished after {timeout} s: {st}")
+            time.sleep(poll)
+
+    def _jobs(self, batch_id: str, fields: tuple[str, ...], chunk: int = 500
+              ) -> Iterator[tuple[str, list[str | None]]]:
+        """(job_id, [field values]) of every job of a batch, each once, streamed in chunks."""
+        seen: set[bytes] = set()
+        ids: list[str] = []
+
+        def fetch() -> Iterator[tuple[str, list[str | None]]]:
+            pipe = self.redis.pipeline(transaction=False)
+            for j in ids:
+                pipe.hmget(job_key(batch_id, j), *fields)
+            for j, values in zip(ids, pipe.execute(), strict=True):
+                yield j, [v.decode() if v is not None else None for v in values]
+            ids.clear()
+
+        for j in self.store.job_ids(batch_id):
+            key = j.encode()
+            if key in seen:  # SSCAN may return an element twice
+                continue
+            seen.add(key)
+            ids.append(j)
+            if len(ids) >= chunk:
+                yield from fetch()
+        if ids:
+            yield from fetch()
+
+    def results(self, batch_id: str) -> Iterator[dict[str, Any]]:
+        """One row per finished image ({"image", "scalecap_record"}), each image once.
+
+        Done and failed images come from the sink; a job that never produced a record (a bad
+        manifest line, a dead-lettered job) yields an error row. Cancelled and unfinished jobs
+        are skipped. Order is arbitrary.
+        """
+        sink = self.sink(self._batch(batch_id)["sink"])
+        for j, (state, ref, location, error) in self._jobs(batch_id, ("state", "ref", "location", "error")):
+            if location:
+                yield sink.read(location)
+            elif state == "failed":
+                err = json.loads(error) if error else {"stage": "queue", "type": "Unknown",
+                                                       "message": "no record"}
+                yield {"image": ref, "scalecap_record": {"error": err, "meta": {"job_id": j}}}
+
+    def export(self, batch_id: str) -> str:
+        """Write the batch's records as one JSONL object in its S3 sink; returns its URL."""
+        sink = self.sink(self._batch(batch_id)["sink"])
+        if not hasattr(sink, "export_jsonl"):
+            raise ConfigError("export needs an S3 sink; use `scalecap results -o FILE` instead")
+        locations = (loc for _, (loc,) in self._jobs(batch_id, ("location",)) if loc)
+        return sink.export_jsonl(batch_id, locations)
+
+    # --- cancel ------------------------------------------------------------------------
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        """Stop a batch: queued jobs count cancelled now (and are skipped when delivered);
+        running jobs finish. Returns the status afterwards."""
+        self._batch(batch_id)
+        self.store.request_cancel(batch_id)
+        completed = False
+        ids: list[str] = []
+
+        def flush() -> bool:
+            pipe = self.redis.pipeline(transaction=False)
+            for j in ids:
+                self.store.transition(batch_id, j, "cancelled", expected="queued", client=pipe)
+            done = any((r.decode() if isinstance(r, bytes) else r) == "completed" for r in pipe.execute())
+            ids.clear()
+            return done
+
+        for j in self.store.job_ids(batch_id):
+            ids.append(j)
+            if len(ids) >= 500:
+                completed |= flush()
+        if ids:
+            completed |= flush()
+        completed |= self.store.close(batch_id).completed
+        if completed:
+            self._on_completed(batch_id)
+        return self.status(batch_id)
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        from scalecap.queue_protocol import DEAD_LETTER_KEY
+
+        return [json.loads(x) for x in self.redis.lrange(DEAD_LETTER_KEY, 0, limit - 1)]
+
+
+__all__ = ["IO_QUEUE", "BatchNotFound", "FleetClient", "SubmitResult"]
