@@ -142,7 +142,8 @@ class FleetClient:
         chunk: list[tuple[str, str, dict[str, Any] | None]] = []
         started = time.monotonic()
 
-        with self.app.producer_or_acquire() as producer:
+        with self.app.producer_or_acquire() as producer, producer.batch(CHUNK + 1) as batch:
+            # kombu buffers the chunk's publishes in one Redis pipeline until batch.flush().
 
             def flush() -> None:
                 if not chunk:
@@ -158,6 +159,7 @@ class FleetClient:
                         self.app.send_task(TASK_CAPTION, args=[msg.to_json()], queue=queue,
                                            producer=producer)
                         result.submitted += 1
+                batch.flush()
                 chunk.clear()
                 if on_progress is not None:
                     on_progress(result.submitted + result.failed + result.duplicates)

@@ -224,6 +224,7 @@ class S3Server(_Process):
     access_key = "scalecap-test-key"
     secret_key = "scalecap-test-secret"
     region = "us-east-1"
+    PROBE_BUCKET = "scalecap-ready-probe"
 
     def __init__(self, workdir: Path) -> None:
         data = workdir / "data"
@@ -264,9 +265,15 @@ class S3Server(_Process):
     def _ready(self) -> bool:
         if not _port_open(self.port):
             return False
-        try:  # an authenticated call that touches the filer, not just an open port
-            self.client().list_buckets()
-            return True
+        # Not just an open port: after a restart S3 answers listings before the volume server
+        # has registered with the master, and reads of existing objects fail for a moment.
+        # A write and a read-back of a probe object prove the whole path is up.
+        try:
+            client = self.client(retries={"max_attempts": 1})
+            if self.PROBE_BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+                client.create_bucket(Bucket=self.PROBE_BUCKET)
+            client.put_object(Bucket=self.PROBE_BUCKET, Key="probe", Body=b"ok")
+            return client.get_object(Bucket=self.PROBE_BUCKET, Key="probe")["Body"].read() == b"ok"
         except Exception:
             return False
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import itertools
 import math
 import uuid
@@ -202,10 +201,14 @@ class VLLMBackend:
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()
-            del engine
-            # The engine sits in reference cycles; collect it now, while the interpreter is whole,
-            # rather than at exit (where its __del__ prints a spurious TypeError).
-            gc.collect()
+            # Tracebacks of failed requests can keep the engine alive until interpreter exit,
+            # where its __del__ calls shutdown() again on a half-torn-down interpreter and
+            # prints a spurious TypeError. It is shut down: make the second call a no-op.
+            engine.shutdown = _already_shut_down
+
+
+def _already_shut_down(timeout: float | None = None) -> None:
+    return None
 
 
 def _by_text(position: Any, renderer: ChatRenderer) -> dict[str, float]:
