@@ -159,8 +159,9 @@ redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
 return 1
 """
 
-# KEYS: batch, job hash, dead-letter list. ARGV: to, now, expected from ('' = any non-final),
-# dead-letter entry JSON ('' = none), then field/value pairs for the job hash.
+# KEYS: batch, job hash, dead-letter list, record index. ARGV: to, now, expected from ('' = any
+# non-final), dead-letter entry JSON ('' = none), record index entry JSON ('' = none), its TTL in
+# seconds ('0' = none), then field/value pairs for the job hash.
 # Returns 'completed' (this call finished the batch), 'ok', 'missing', 'final:<s>', 'skip:<s>'.
 TRANSITION_LUA = (
     _FINISH
@@ -170,7 +171,7 @@ if not old then return 'missing' end
 if old == 'done' or old == 'failed' or old == 'cancelled' then return 'final:' .. old end
 if ARGV[3] ~= '' and old ~= ARGV[3] then return 'skip:' .. old end
 local to = ARGV[1]
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[2], 'state', to, 'updated_at', ARGV[2])
 if old ~= to then
   redis.call('HINCRBY', KEYS[1], old, -1)
@@ -180,6 +181,10 @@ if to == 'running' then redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2]) end
 if ARGV[4] ~= '' then
   redis.call('LPUSH', KEYS[3], ARGV[4])
   redis.call('HINCRBY', KEYS[1], 'dead_lettered', 1)
+end
+if ARGV[5] ~= '' then
+  if ARGV[6] ~= '0' then redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[6])
+  else redis.call('SET', KEYS[4], ARGV[5]) end
 end
 if to == 'done' or to == 'failed' or to == 'cancelled' then
   if finish(KEYS[1], ARGV[2]) then return 'completed' end
@@ -336,28 +341,62 @@ class BatchStore:
         *,
         expected: str | None = None,
         dead_letter: dict[str, Any] | None = None,
+        remember: tuple[str, str, int | None] | None = None,
         client: Any = None,
         **fields: Any,
     ) -> Transition:
-        """Move a job to `to` (one count from its old counter to the new one) and set fields."""
+        """Move a job to `to` (one count from its old counter to the new one) and set fields.
+
+        `dead_letter` pushes an entry to the dead-letter list; `remember=(sink, location, ttl)`
+        notes where the finished record is, for later batches of the same work (same script, so
+        one round trip).
+        """
         if to not in STATES:
             raise ValueError(f"unknown state {to!r}")
-        args: list[Any] = [to, now(), expected or "", json.dumps(dead_letter) if dead_letter else ""]
+        entry = json.dumps({"sink": remember[0], "location": remember[1]}) if remember else ""
+        ttl = str(int(remember[2] or 0)) if remember else "0"
+        args: list[Any] = [to, now(), expected or "", json.dumps(dead_letter) if dead_letter else "",
+                           entry, ttl]
         for k, v in fields.items():
             if v is None:
                 continue
             args += [k, v if isinstance(v, (str, int, float)) else json.dumps(v)]
         res = self._transition(
-            keys=[batch_key(batch_id), job_key(batch_id, job_id), DEAD_LETTER_KEY],
+            keys=[batch_key(batch_id), job_key(batch_id, job_id), DEAD_LETTER_KEY,
+                  record_index_key(job_id)],
             args=args,
             client=client,
         )
         return Transition(_decode(res)) if client is None else Transition("pipelined")
 
+    def snapshot(
+        self, batch_id: str, job_id: str
+    ) -> tuple[dict[str, str] | None, dict[str, str] | None, dict[str, str] | None]:
+        """(batch, job, record-index entry) in one round trip: what a worker reads per job."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(batch_key(batch_id))
+        pipe.hgetall(job_key(batch_id, job_id))
+        pipe.get(record_index_key(job_id))
+        batch, job, entry = pipe.execute()
+
+        def dec(h: dict[Any, Any]) -> dict[str, str] | None:
+            return {_decode(k): _decode(v) for k, v in h.items()} if h else None
+
+        try:
+            known = json.loads(entry) if entry else None
+        except ValueError:
+            known = None
+        return dec(batch), dec(job), known if isinstance(known, dict) else None
+
     # --- records across batches ---------------------------------------------------------
 
-    def remember_record(self, job_id: str, sink: str, location: str, ttl: int | None = None) -> None:
-        self.r.set(record_index_key(job_id), json.dumps({"sink": sink, "location": location}), ex=ttl)
+    def remember_record(
+        self, job_id: str, sink: str, location: str, ttl: int | None = None, client: Any = None
+    ) -> None:
+        """Note where job_id's finished record is, for later batches of the same work."""
+        (client or self.r).set(
+            record_index_key(job_id), json.dumps({"sink": sink, "location": location}), ex=ttl
+        )
 
     def known_record(self, job_id: str, sink: str) -> str | None:
         """Where a finished record of this job lives in this sink, if a batch wrote one."""

@@ -271,6 +271,16 @@ def check_score_matches_generate(backend: Backend, loop: Runner) -> None:
     assert mean(own) > mean(fixed), (gen.text, mean(own), mean(fixed))
 
 
+UNICODE_CONTINUATION = "Ein café 😀 — naïve  text.\nNew line: 日本語."
+
+
+def check_score_unicode(backend: Backend, loop: Runner) -> None:
+    """Multi-byte characters split over several byte-level tokens still tile the text (the
+    extra tokens get zero-width spans). Engines that only return token strings (an OpenAI
+    server) cannot always place split characters, so this is not in ALL_CHECKS."""
+    check_score_tokens(backend, loop, continuation=UNICODE_CONTINUATION)
+
+
 ALL_CHECKS: list[Callable[[Backend, Runner], None]] = [
     check_attributes,
     check_empty,
@@ -283,7 +293,8 @@ ALL_CHECKS: list[Callable[[Backend, Runner], None]] = [
     check_score_image_matters,
     check_bad_input_raises,
 ]
-"""The checks every scoring backend must pass (check_score_matches_generate is extra)."""
+"""The checks every scoring backend must pass (check_score_matches_generate and
+check_score_unicode are extra)."""
 
 
 def run_all(backend: Backend, loop: Runner) -> None:

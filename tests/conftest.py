@@ -18,4 +18,5 @@ pytest_plugins = [
     "tests.fixtures_engines",
     "tests.fixtures_services",
     "tests.fixtures_openai",
+    "tests.fleet_support",
 ]

@@ -24,6 +24,10 @@ def test_greedy_output_scores_higher_than_fixed_text(transformers_backend, engin
     contract.check_score_matches_generate(transformers_backend, engine_loop)
 
 
+def test_score_unicode_continuation(transformers_backend, engine_loop) -> None:
+    contract.check_score_unicode(transformers_backend, engine_loop)
+
+
 def test_batches_split_by_settings_and_size(transformers_backend, engine_loop) -> None:
     """Mixed settings and more requests than max_batch_size still come back in order, and
     batching (left padding) does not change greedy output."""

@@ -28,6 +28,10 @@ def test_greedy_output_scores_higher_than_fixed_text(vllm_backend, engine_loop) 
     contract.check_score_matches_generate(vllm_backend, engine_loop)
 
 
+def test_score_unicode_continuation(vllm_backend, engine_loop) -> None:
+    contract.check_score_unicode(vllm_backend, engine_loop)
+
+
 def test_batch_of_many_requests(vllm_backend, engine_loop) -> None:
     """More requests than max_num_seqs: the engine queues them and every result comes back."""
     image = contract.make_image()

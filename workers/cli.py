@@ -94,7 +94,9 @@ def main(args: argparse.Namespace) -> int:
                  backend, model, ",".join(queues), concurrency)
 
     app = register_tasks(create_app(settings))
-    hostname = args.hostname or f"scalecap-{queues[0]}@{socket.gethostname()}"
+    from celery.utils.nodenames import host_format
+
+    hostname = host_format(args.hostname or f"scalecap-{queues[0]}@{socket.gethostname()}")
     worker = app.Worker(
         queues=queues,
         pool="threads",

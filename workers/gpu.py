@@ -10,11 +10,13 @@ import os
 import re
 import sys
 
+from scalecap.errors import ConfigError
+
 _GPU_LIST = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
 _ENGINE_MODULES = ("torch", "vllm")
 
 
-class GPUPinningError(RuntimeError):
+class GPUPinningError(ConfigError):
     """The GPUs cannot be pinned (bad list, or torch/vLLM already imported)."""
 
 

@@ -100,11 +100,10 @@ class JobContext:
 def process_caption(ctx: JobContext, msg: JobMessage) -> str:
     """Run one job; returns what happened. Raises RetryJob for a transient failure."""
     store, b, j = ctx.store, msg.batch_id, msg.job_id
-    batch = store.batch(b)
+    batch, job, known = store.snapshot(b, j)
     if batch is None:
         log.warning("job %s of unknown batch %s dropped", j, b)
         return "unknown-batch"
-    job = store.job(b, j)
     if job is None:
         log.warning("job %s is not registered in batch %s; dropped", j, b)
         return "unknown-job"
@@ -119,7 +118,9 @@ def process_caption(ctx: JobContext, msg: JobMessage) -> str:
     sink: Sink | None = None
     try:
         sink = ctx.sink(sink_url)
-        location = job.get("location") or store.known_record(j, sink_url)
+        location = job.get("location") or (
+            known.get("location") if known and known.get("sink") == sink_url else None
+        )
         if location and sink.exists(location):
             ctx.completed(store.transition(b, j, "done", location=location, reused="1"), b)
             return "reused"
@@ -162,9 +163,9 @@ def process_caption(ctx: JobContext, msg: JobMessage) -> str:
         raise RetryJob(retry_delay(attempt), exc) from exc
 
     final = "failed" if is_error(record) else "done"
-    t = store.transition(b, j, final, location=location, error=record.get("error"))
+    remember = None
     if final == "done":
-        ttl = ctx.settings.result_ttl if sink_url == "redis" else None
-        store.remember_record(j, sink_url, location, ttl=ttl)
+        remember = (sink_url, location, ctx.settings.result_ttl if sink_url == "redis" else None)
+    t = store.transition(b, j, final, location=location, error=record.get("error"), remember=remember)
     ctx.completed(t, b)
     return final

@@ -15,6 +15,7 @@ from scalecap.queue_protocol import (
     TASK_WEBHOOK,
     BatchStore,
     JobMessage,
+    batch_key,
     counts,
     webhook_attempts_key,
 )
@@ -84,8 +85,8 @@ def register_tasks(app: Celery) -> Celery:
             return False
         key = webhook_attempts_key(batch_id)
         status = "cancelled" if batch.get("cancel_requested") == "1" else "completed"
-        c = {k: v for k, v in counts(batch).items()}
-        event = event_payload(kind, batch_id, c, results_location(batch, batch_id), status=status)
+        event = event_payload(kind, batch_id, counts(batch), results_location(batch, batch_id),
+                              status=status)
         if not settings.webhook_secret:
             log.error("batch %s: no SCALECAP_WEBHOOK_SECRET on this worker; webhook not sent", batch_id)
             ctx.redis.rpush(key, '{"attempt": 0, "error": "no webhook secret configured"}')
@@ -100,9 +101,8 @@ def register_tasks(app: Celery) -> Celery:
             max_attempts=settings.webhook_max_attempts,
             allow_private=settings.allow_private_urls,
         )
-        ctx.store.r.hset(
-            f"scalecap:batch:{batch_id}", "webhook_status", "delivered" if outcome.delivered else "failed"
-        )
+        ctx.redis.hset(batch_key(batch_id), "webhook_status",
+                       "delivered" if outcome.delivered else "failed")
         return outcome.delivered
 
     app.conf.scalecap_tasks = {"caption": caption, "deliver_webhook": deliver_webhook}

@@ -41,6 +41,8 @@ class VLLMBackend:
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
         self._closed = False
+        # One output per request, not one per step: we only read the last.
+        self._final_only = modules.sampling_params.RequestOutputKind.FINAL_ONLY
 
     @classmethod
     async def create(
@@ -67,6 +69,7 @@ class VLLMBackend:
         """
         try:
             import vllm
+            import vllm.sampling_params
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
@@ -148,6 +151,7 @@ class VLLMBackend:
                 top_p=req.top_p,
                 seed=req.seed,
                 logprobs=req.top_logprobs or None,
+                output_kind=self._final_only,
             )
         except ValueError as exc:
             raise BackendError(f"invalid sampling parameters: {exc}") from exc
@@ -177,7 +181,9 @@ class VLLMBackend:
         prompt: dict[str, Any] = {"prompt_token_ids": self.renderer.encode_prefix(prefix) + cont_ids}
         if req.image is not None:
             prompt["multi_modal_data"] = {"image": req.image}
-        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        params = self._vllm.SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, output_kind=self._final_only
+        )
         out = await self._final(prompt, params)
         ids = list(out.prompt_token_ids or ())
         entries = list(out.prompt_logprobs or ())
@@ -193,6 +199,14 @@ class VLLMBackend:
                 raise BackendError(f"vLLM gave no prompt logprob for token {token_id}")
             tokens.append(TokenScore(req.continuation[start:end], start, end, float(logprob)))
         return ScoreResult(tokens=tokens, prompt_tokens=len(ids) - n)
+
+    async def reset_caches(self) -> None:
+        """Forget cached prefixes, image encodings and processed images (for fair benchmarks)."""
+        if self.engine is None:
+            return
+        await self.engine.reset_prefix_cache()
+        await self.engine.reset_mm_cache()
+        await self.engine.reset_encoder_cache()
 
     async def aclose(self) -> None:
         if self._closed:
