@@ -59,6 +59,24 @@ class SubmitResult:
         return dict(self.__dict__)
 
 
+class _Unbatched:
+    """Stands in for kombu's publish batch on kombu < 5.7: every publish goes out at once."""
+
+    def __enter__(self) -> _Unbatched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+
+def _publish_batch(producer: Any) -> Any:
+    batch = getattr(producer, "batch", None)
+    return batch(CHUNK + 1) if batch is not None else _Unbatched()
+
+
 def _config(config: Any) -> ImageScaleCaptionGenerateConfig:
     if config is None:
         return ImageScaleCaptionGenerateConfig()
@@ -142,8 +160,8 @@ class FleetClient:
         chunk: list[tuple[str, str, dict[str, Any] | None]] = []
         started = time.monotonic()
 
-        with self.app.producer_or_acquire() as producer, producer.batch(CHUNK + 1) as batch:
-            # kombu buffers the chunk's publishes in one Redis pipeline until batch.flush().
+        with self.app.producer_or_acquire() as producer, _publish_batch(producer) as batch:
+            # kombu (>= 5.7) buffers the chunk's publishes in one Redis pipeline until flush().
 
             def flush() -> None:
                 if not chunk:
