@@ -45,6 +45,8 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", default="redis",
                    help="where records go: s3://bucket/prefix or redis (default: redis)")
     p.add_argument("--webhook", default=None, help="URL that receives the signed batch.completed event")
+    p.add_argument("--webhook-jobs", action="store_true",
+                   help="also send a signed job.completed event for every image (needs --webhook)")
     p.add_argument("--batch-id", default=None, help="id of the batch (default: a new random id)")
     p.add_argument("--model", default=None, help="model whose workers run the jobs (env SCALECAP_MODEL)")
     p.add_argument("--queue", default=None, help="queue to send to (default: scalecap.gpu.<model>)")
@@ -68,6 +70,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         args.sources,
         sink=args.sink,
         webhook=args.webhook,
+        webhook_jobs=args.webhook_jobs,
         config=config,
         batch_id=args.batch_id,
         model=args.model,

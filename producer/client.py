@@ -124,6 +124,7 @@ class FleetClient:
         *,
         sink: str = "redis",
         webhook: str | None = None,
+        webhook_jobs: bool = False,
         config: Any = None,
         batch_id: str | None = None,
         model: str | None = None,
@@ -145,6 +146,8 @@ class FleetClient:
         batch_id = check_batch_id(batch_id) if batch_id else new_batch_id()
         if webhook and not webhook.startswith(("http://", "https://")):
             raise ConfigError(f"webhook must be an http(s) URL, got {webhook!r}")
+        if webhook_jobs and not webhook:
+            raise ConfigError("webhook_jobs needs a webhook URL")
         self.sink(sink)  # unknown sink or missing bucket: fail before anything is queued
         config_hash = cfg.config_hash()
         self.store.create_batch(
@@ -155,6 +158,7 @@ class FleetClient:
             queue=queue,
             sink=sink,
             webhook=webhook,
+            webhook_jobs=webhook_jobs,
         )
         result = SubmitResult(batch_id, queue, 0, 0, 0, False)
         chunk: list[tuple[str, str, dict[str, Any] | None]] = []

@@ -9,7 +9,8 @@ HTTP API share this module without a worker's dependencies.
 Key schema (prefix `scalecap:`):
   batch:{b}                 hash: counters (total, queued, running, done, failed, cancelled,
                             dead_lettered), config (JSON), config_hash, model, queue, sink,
-                            webhook, created_at, started_at, closed ("1"), closed_at,
+                            webhook, webhook_jobs ("1": also job.completed events),
+                            created_at, started_at, closed ("1"), closed_at,
                             cancel_requested ("1"), finished_at
   batch:{b}:jobs            set of the batch's job ids (dedupes repeated images)
   batch:{b}:webhook_attempts list of JSON attempt records (webhook delivery)
@@ -41,6 +42,7 @@ TASK_WEBHOOK = "scalecap.deliver_webhook"
 IO_QUEUE = "scalecap.io"
 GPU_QUEUE_PREFIX = "scalecap.gpu."
 EVENT_BATCH_COMPLETED = "batch.completed"
+EVENT_JOB_COMPLETED = "job.completed"
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATES = ("done", "failed", "cancelled")
@@ -269,6 +271,7 @@ class BatchStore:
         queue: str,
         sink: str,
         webhook: str | None = None,
+        webhook_jobs: bool = False,
     ) -> bool:
         """Create the batch hash; False when it already exists (a resubmission adds to it)."""
         key = batch_key(batch_id)
@@ -282,6 +285,7 @@ class BatchStore:
                 queue=queue,
                 sink=sink,
                 webhook=webhook or "",
+                webhook_jobs="1" if webhook and webhook_jobs else "",
             )
             self.r.hset(key, mapping=fields)
             self.r.zadd(BATCHES_KEY, {batch_id: time.time()})
@@ -419,6 +423,7 @@ __all__ = [
     "COUNTERS",
     "DEAD_LETTER_KEY",
     "EVENT_BATCH_COMPLETED",
+    "EVENT_JOB_COMPLETED",
     "FINAL_STATES",
     "IO_QUEUE",
     "STATES",

@@ -133,3 +133,29 @@ def test_webhook_retried_until_accepted_and_attempts_visible(fleet: Fleet, webho
     assert st["webhook_status"] == "delivered"
     assert [a["status"] for a in st["webhook_attempts"]] == [500, 500, 200]
     assert [a["attempt"] for a in st["webhook_attempts"]] == [1, 2, 3]
+
+
+def test_per_job_events_with_webhook_jobs(fleet: Fleet, webhook_receiver):
+    """With webhook_jobs, every image's final state is a signed job.completed event (a bad image
+    included, with its state), and the batch still ends with one batch.completed."""
+    fleet.scripted()
+    fleet.io(SCALECAP_WEBHOOK_SECRET=webhook_receiver.secret)
+    images = make_images(fleet.tmp / "imgs", ["red", "green", "bad"])
+    client = fleet.client()
+    sub = client.submit([str(p) for p in images], sink="redis", model="scripted",
+                        webhook=webhook_receiver.url, webhook_jobs=True)
+    got = webhook_receiver.wait_for(4, timeout=60)
+    assert all(r.verified and r.status == 200 for r in got)
+    events = [r.json() for r in got]
+    jobs = [e for e in events if e["type"] == "job.completed"]
+    batches = [e for e in events if e["type"] == "batch.completed"]
+    assert len(jobs) == 3 and len(batches) == 1
+    assert len({e["data"]["job_id"] for e in jobs}) == 3
+    assert sorted(e["data"]["status"] for e in jobs) == ["done", "done", "failed"]
+    assert all(e["data"]["batch_id"] == sub.batch_id and e["data"]["results"] for e in jobs)
+    assert len({r.headers["webhook-id"] for r in got}) == 4, "each event has its own id"
+    # each attempt is recorded after its response: wait for the last records to land
+    st = wait_until(lambda: (s := client.status(sub.batch_id)) and len(s["webhook_attempts"]) == 4 and s,
+                    timeout=10, what="4 recorded attempts")
+    kinds = sorted(a["type"] for a in st["webhook_attempts"])
+    assert kinds == ["batch.completed"] + ["job.completed"] * 3

@@ -65,12 +65,14 @@ class JobContext:
         *,
         runtime: Callable[[], EngineRuntime] | None = None,
         on_completed: Callable[[str], None] | None = None,
+        on_job_final: Callable[[str, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis_client
         self.store = BatchStore(redis_client)
         self._runtime = runtime
         self._on_completed = on_completed
+        self._on_job_final = on_job_final
         self._sinks: dict[str, Sink] = {}
         self._lock = threading.Lock()
 
@@ -90,7 +92,13 @@ class JobContext:
                 self._sinks.setdefault(url, sink)
         return sink
 
-    def completed(self, t: Transition, batch_id: str) -> None:
+    def completed(
+        self, t: Transition, batch_id: str, *, job_id: str | None = None, batch: dict | None = None
+    ) -> None:
+        """After a job's final transition: its job.completed event (when the batch asked for
+        them), then, from the one caller that finished the batch, the batch.completed event."""
+        if job_id and batch and batch.get("webhook_jobs") == "1" and self._on_job_final is not None:
+            self._on_job_final(batch_id, job_id)
         if t.completed:
             log.info("batch %s completed", batch_id)
             if self._on_completed is not None:
@@ -110,7 +118,7 @@ def process_caption(ctx: JobContext, msg: JobMessage) -> str:
     if job["state"] in FINAL_STATES:
         return "duplicate"
     if batch.get("cancel_requested") == "1":
-        ctx.completed(store.transition(b, j, "cancelled"), b)
+        ctx.completed(store.transition(b, j, "cancelled"), b, job_id=j, batch=batch)
         return "cancelled"
 
     sink_url = batch["sink"]
@@ -122,7 +130,8 @@ def process_caption(ctx: JobContext, msg: JobMessage) -> str:
             known.get("location") if known and known.get("sink") == sink_url else None
         )
         if location and sink.exists(location):
-            ctx.completed(store.transition(b, j, "done", location=location, reused="1"), b)
+            t = store.transition(b, j, "done", location=location, reused="1")
+            ctx.completed(t, b, job_id=j, batch=batch)
             return "reused"
     except (SinkError, ValueError) as exc:
         # A sink that is down fails again below, where the failure counts as an attempt.
@@ -137,7 +146,7 @@ def process_caption(ctx: JobContext, msg: JobMessage) -> str:
         entry = {"batch_id": b, "job_id": j, "ref": msg.ref, "attempts": attempt - 1, "error": error}
         t = store.transition(b, j, "failed", dead_letter=entry, error=error)
         log.error("job %s of batch %s dead-lettered after %d attempt(s)", j, b, attempt - 1)
-        ctx.completed(t, b)
+        ctx.completed(t, b, job_id=j, batch=batch)
         return "dead-lettered"
     if claim != "run":
         return claim
@@ -157,7 +166,8 @@ def process_caption(ctx: JobContext, msg: JobMessage) -> str:
         log.warning("job %s of batch %s attempt %d failed: %s", j, b, attempt, exc)
         if attempt >= max_attempts:
             entry = {"batch_id": b, "job_id": j, "ref": msg.ref, "attempts": attempt, "error": error}
-            ctx.completed(store.transition(b, j, "failed", dead_letter=entry, error=error), b)
+            t = store.transition(b, j, "failed", dead_letter=entry, error=error)
+            ctx.completed(t, b, job_id=j, batch=batch)
             return "dead-lettered"
         store.transition(b, j, "queued", expected="running", error=error)
         raise RetryJob(retry_delay(attempt), exc) from exc
@@ -167,5 +177,5 @@ def process_caption(ctx: JobContext, msg: JobMessage) -> str:
     if final == "done":
         remember = (sink_url, location, ctx.settings.result_ttl if sink_url == "redis" else None)
     t = store.transition(b, j, final, location=location, error=record.get("error"), remember=remember)
-    ctx.completed(t, b)
+    ctx.completed(t, b, job_id=j, batch=batch)
     return final

@@ -10,6 +10,7 @@ from celery import Celery
 
 from scalecap.queue_protocol import (
     EVENT_BATCH_COMPLETED,
+    EVENT_JOB_COMPLETED,
     IO_QUEUE,
     TASK_CAPTION,
     TASK_WEBHOOK,
@@ -31,6 +32,11 @@ def enqueue_completion(app: Celery, store: BatchStore, batch_id: str) -> None:
     batch = store.batch(batch_id) or {}
     if batch.get("webhook"):
         app.send_task(TASK_WEBHOOK, args=[batch_id, EVENT_BATCH_COMPLETED], queue=IO_QUEUE)
+
+
+def enqueue_job_event(app: Celery, batch_id: str, job_id: str) -> None:
+    """A job of a batch that asked for per-job events reached a final state."""
+    app.send_task(TASK_WEBHOOK, args=[batch_id, EVENT_JOB_COMPLETED, job_id], queue=IO_QUEUE)
 
 
 def results_location(batch: dict[str, str], batch_id: str) -> str:
@@ -58,6 +64,7 @@ def register_tasks(app: Celery) -> Celery:
                     settings,
                     client,
                     on_completed=lambda b: enqueue_completion(app, state["ctx"].store, b),
+                    on_job_final=lambda b, j: enqueue_job_event(app, b, j),
                 )
             return state["ctx"]
 
@@ -76,7 +83,9 @@ def register_tasks(app: Celery) -> Celery:
             raise self.retry(countdown=2.0, exc=exc) from exc
 
     @app.task(name=TASK_WEBHOOK, bind=True, max_retries=3, acks_late=True)
-    def deliver_webhook(self: Any, batch_id: str, kind: str = EVENT_BATCH_COMPLETED) -> bool:
+    def deliver_webhook(
+        self: Any, batch_id: str, kind: str = EVENT_BATCH_COMPLETED, job_id: str | None = None
+    ) -> bool:
         from workers.webhook_delivery import deliver_event, event_payload
 
         ctx = context()
@@ -84,9 +93,14 @@ def register_tasks(app: Celery) -> Celery:
         if not batch or not batch.get("webhook"):
             return False
         key = webhook_attempts_key(batch_id)
-        status = "cancelled" if batch.get("cancel_requested") == "1" else "completed"
-        event = event_payload(kind, batch_id, counts(batch), results_location(batch, batch_id),
-                              status=status)
+        if kind == EVENT_JOB_COMPLETED and job_id:
+            job = ctx.store.job(batch_id, job_id) or {}
+            event = event_payload(kind, batch_id, counts(batch), job.get("location") or None,
+                                  job_id=job_id, status=job.get("state"))
+        else:
+            status = "cancelled" if batch.get("cancel_requested") == "1" else "completed"
+            event = event_payload(kind, batch_id, counts(batch), results_location(batch, batch_id),
+                                  status=status)
         if not settings.webhook_secret:
             log.error("batch %s: no SCALECAP_WEBHOOK_SECRET on this worker; webhook not sent", batch_id)
             ctx.redis.rpush(key, '{"attempt": 0, "error": "no webhook secret configured"}')
@@ -101,8 +115,9 @@ def register_tasks(app: Celery) -> Celery:
             max_attempts=settings.webhook_max_attempts,
             allow_private=settings.allow_private_urls,
         )
-        ctx.redis.hset(batch_key(batch_id), "webhook_status",
-                       "delivered" if outcome.delivered else "failed")
+        if kind == EVENT_BATCH_COMPLETED:
+            ctx.redis.hset(batch_key(batch_id), "webhook_status",
+                           "delivered" if outcome.delivered else "failed")
         return outcome.delivered
 
     app.conf.scalecap_tasks = {"caption": caption, "deliver_webhook": deliver_webhook}

@@ -179,7 +179,7 @@ def deliver_event(
     Retried: 5xx, 408, 429 and network errors/timeouts, after full-jitter exponential backoff or
     the server's Retry-After (capped by `max_delay`). Redirects are not followed (a redirect
     could point inside the network). Each attempt is appended to the Redis list `attempts_key`
-    as JSON `{attempt, at, status, error, duration_ms}`.
+    as JSON `{type, webhook_id, [job_id,] attempt, at, status, error, duration_ms}`.
     """
     wid = msg_id or event_id(event)
     try:
@@ -188,7 +188,7 @@ def deliver_event(
     except Exception as exc:
         error = f"refused: {exc}"
         log.warning("webhook %s to %s not sent: %s", wid, url, error)
-        _record(redis_client, attempts_key, _entry(0, None, error, 0.0))
+        _record(redis_client, attempts_key, _entry(0, None, error, 0.0, event, wid))
         return DeliveryOutcome(False, 0, None, error, wid)
 
     status: int | None = None
@@ -211,9 +211,9 @@ def deliver_event(
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             except Exception as exc:  # anything else is a bug or bad input: final, not raised
                 error = f"{type(exc).__name__}: {exc}"
-                _record(redis_client, attempts_key, _entry(attempt, None, error, started))
+                _record(redis_client, attempts_key, _entry(attempt, None, error, started, event, wid))
                 break
-            _record(redis_client, attempts_key, _entry(attempt, status, error, started))
+            _record(redis_client, attempts_key, _entry(attempt, status, error, started, event, wid))
             if status is not None and 200 <= status < 300:
                 return DeliveryOutcome(True, attempt, status, None, wid)
             retryable = status is None or status >= 500 or status in _RETRY_STATUSES
@@ -228,9 +228,20 @@ def deliver_event(
     return DeliveryOutcome(False, attempt, status, error, wid)
 
 
-def _entry(attempt: int, status: int | None, error: str | None, started: float) -> dict[str, Any]:
+def _entry(
+    attempt: int,
+    status: int | None,
+    error: str | None,
+    started: float,
+    event: Mapping[str, Any],
+    wid: str,
+) -> dict[str, Any]:
     duration = (time.monotonic() - started) * 1000 if started else 0.0
+    data = event.get("data") if isinstance(event.get("data"), Mapping) else {}
     return {
+        "type": event.get("type"),
+        "webhook_id": wid,
+        **({"job_id": data["job_id"]} if data.get("job_id") else {}),
         "attempt": attempt,
         "at": _now_iso(),
         "status": status,
