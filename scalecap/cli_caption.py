@@ -122,7 +122,10 @@ def main(args: argparse.Namespace) -> int:
         max_pixels=config.max_pixels,
         allow_private_urls=bool(args.allow_private_urls or settings.allow_private_urls),
         max_bytes=settings.max_image_bytes,
+        allowed_networks=list(settings.allowed_networks),
     )
+    if config.llm_base_url and not config.llm_api_key and settings.llm_api_key:
+        config = config.replace(llm_api_key=settings.llm_api_key)
     loop = default_loop()
     try:
         from scalecap.engine_setup import build_chain

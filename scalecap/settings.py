@@ -62,6 +62,10 @@ class Settings:
     """Local directories images may be read from by workers and the API (empty: none)."""
     allow_private_urls: bool = False
     """Let workers fetch http(s) images from private/loopback addresses."""
+    allowed_networks: list[str] = field(default_factory=list)
+    """Private networks (CIDR) image URLs may still reach, e.g. an internal image store."""
+    llm_api_key: str | None = None
+    """Key of the separate language model (config llm_base_url); never stored in Redis."""
     max_image_bytes: int = 64 * 1024 * 1024
 
     @classmethod

@@ -76,12 +76,15 @@ class EngineRuntime:
             max_pixels=config.max_pixels,
             allowed_roots=list(s.allowed_roots),
             allow_private_urls=s.allow_private_urls,
+            allowed_networks=list(s.allowed_networks),
         )
 
     def chain(self, config_json: str | dict[str, Any]) -> ScaleCapChain:
         """The chain for one batch config; cached, so a batch's jobs share one chain object."""
         data = json.loads(config_json) if isinstance(config_json, str) else config_json
         config = ImageScaleCaptionGenerateConfig.from_dict(data)
+        if config.llm_base_url and not config.llm_api_key and self.settings.llm_api_key:
+            config = config.replace(llm_api_key=self.settings.llm_api_key)  # keys stay out of Redis
         key = config.config_hash() + ":" + str(config.llm_base_url or "")
         chain = self._chains.get(key)
         if chain is not None:
