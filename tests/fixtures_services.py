@@ -151,12 +151,14 @@ class _Process:
 
 
 class RedisServer(_Process):
-    """A real `redis-server` on a free loopback port, no persistence: `restart()` empties it."""
+    """A real `redis-server` on a free loopback port. Without persistence `restart()` empties it;
+    with `persistent=True` (append-only file, fsync always) it comes back as it was, as a
+    production broker does."""
 
     name = "redis-server"
     databases = 1000
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, persistent: bool = False) -> None:
         self.port = free_ports(1)[0]
         self.url = f"redis://127.0.0.1:{self.port}"
         argv = [
@@ -164,7 +166,8 @@ class RedisServer(_Process):
             "--bind", "127.0.0.1",
             "--port", str(self.port),
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if persistent else "no",
+            "--appendfsync", "always",
             "--daemonize", "no",
             "--databases", str(self.databases),
             "--dir", str(workdir),
