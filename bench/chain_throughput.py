@@ -8,16 +8,15 @@ All three run on the same real engine in one process, one after another:
    images). Its time is what the engine alone needs for this work.
 
 Usage (CPU, tiny random-weight model built on the spot):
-    python bench/chain_throughput.py --num-images 32
+    python -m bench.chain_throughput --num-images 32
 GPU:
-    python bench/chain_throughput.py --model Qwen/Qwen2.5-VL-3B-Instruct --num-images 256 --full-lengths
+    python -m bench.chain_throughput --model Qwen/Qwen2.5-VL-3B-Instruct --num-images 256 --full-lengths
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from bench.report import print_table, write_json
 from scalecap.backends.base import GenerateRequest, ScoreRequest
 
 # Token limits that keep a random-weight tiny model (which never stops early) inside its context.
@@ -223,18 +223,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     result = asyncio.run(go())
     print_result(result)
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.output_json, result)
     return result
 
 
 def print_result(r: dict[str, Any]) -> None:
-    line = "=" * 64
-    print(line)
-    print(" ScaleCap chain throughput ".center(64, "="))
-    print(line)
-    rows = [
+    print_table("ScaleCap chain throughput", [
         ("Model", r["model"]),
         ("Backend", r["backend"]),
         ("Images (concurrent / serial)", f"{r['num_images']} / {r['serial_images']}"),
@@ -249,10 +243,7 @@ def print_result(r: dict[str, Any]) -> None:
         ("Lower-bound throughput (img/s)", r["lower_bound_images_per_s"]),
         ("Speedup vs serial (x, larger is better)", r["speedup_vs_serial"]),
         ("Fraction of lower bound (larger is better)", r["fraction_of_lower_bound"]),
-    ]
-    for k, v in rows:
-        print(f"{k:<46}{v!s:>18}")
-    print(line)
+    ])
 
 
 if __name__ == "__main__":

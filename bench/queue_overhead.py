@@ -18,7 +18,6 @@ benchmark's own completion polling is subtracted).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -30,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.report import print_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 BARE_QUEUE = "bench.noop"
@@ -289,17 +290,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "fleet_commands_per_job_top": {k: round(v / args.jobs, 2) for k, v in top},
     }
     print_result(result)
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.output_json, result)
     return result
 
 
 def print_result(r: dict[str, Any]) -> None:
-    width = 64
-    print("=" * width)
-    print(" ScaleCap queue overhead (fleet vs bare Celery) ".center(width, "="))
-    print("=" * width)
     rows = [
         ("Jobs per run / repeats / warmup jobs",
          f"{r['jobs_per_run']} / {r['repeats']} / {r['warmup_jobs']}"),
@@ -312,13 +307,10 @@ def print_result(r: dict[str, Any]) -> None:
         ("Redis commands per job, fleet (cmds)", r["redis_commands_per_job_fleet"]),
         ("Redis commands per job, bare (cmds)", r["redis_commands_per_job_bare"]),
     ]
-    for label, value in rows:
-        print(f"{label:<44}{value!s:>20}")
-    print("-" * width)
-    print("Fleet Redis commands per job, by command (cmds)")
-    for name, v in r["fleet_commands_per_job_top"].items():
-        print(f"  {name:<42}{v:>20}")
-    print("=" * width)
+    top = ["Fleet Redis commands per job, by command (cmds)"] + [
+        f"  {name:<42}{v:>20}" for name, v in r["fleet_commands_per_job_top"].items()
+    ]
+    print_table("ScaleCap queue overhead (fleet vs bare Celery)", rows, extra=top)
 
 
 if __name__ == "__main__":
