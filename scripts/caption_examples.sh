@@ -10,6 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
+export VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
+tiny=0
 mkdir -p "$out" .cache
 extra=()
 if [ -n "${SCALECAP_MODEL:-}" ]; then
@@ -25,6 +27,7 @@ else
   venv=.venv
   bash scripts/setup_cpu_env.sh "$venv"
   model=.cache/tiny-qwen2vl
+  tiny=1
   "$venv/bin/python" -m scalecap.tiny_model "$model"
   export VLLM_ENABLE_V1_MULTIPROCESSING=${VLLM_ENABLE_V1_MULTIPROCESSING:-0}
   export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1
@@ -42,9 +45,9 @@ fi
 "$venv/bin/python" scripts/write_examples.py examples
 "$venv/bin/scalecap" caption examples/manifest.jsonl -o "$out/captions.jsonl" --model "$model" \
   --backend vllm "${extra[@]}" "$@"
-"$venv/bin/python" - "$out/captions.jsonl" <<'PY'
+"$venv/bin/python" - "$out/captions.jsonl" "$tiny" <<'PY'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+rows = [json.loads(line) for line in open(sys.argv[1])]
 ok = [r for r in rows if "final_caption" in r["scalecap_record"]]
 print(f"{len(rows)} rows in {sys.argv[1]}: {len(ok)} captioned, {len(rows) - len(ok)} failed")
 if ok:
@@ -52,4 +55,7 @@ if ok:
     print(f"example ({ok[0]['image']}): {len(r['golden_sentences'])} golden of "
           f"{len(r['sentence_scores'])} sentences, {len(r['object_questions'])} objects")
     print("final caption:", r["final_caption"][:300])
+if sys.argv[2] == "1":
+    print("(tiny random-weight model: the text above is noise by construction)")
+print("rerunning this script resumes: images already in the output are skipped")
 PY

@@ -1,0 +1,44 @@
+"""The benchmarks still run end to end and print their tables (tiny sizes; numbers not judged)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run_bench(*args: str, timeout: int = 400) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
+
+
+@pytest.mark.engine
+def test_chain_throughput_bench_runs(tmp_path):
+    out = tmp_path / "r.json"
+    r = run_bench("bench.chain_throughput", "--num-images", "4", "--repeats", "1", "--warmup-images", "1",
+                  "--output-json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Speedup vs serial (x, larger is better)" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["num_images"] == 4 and res["failed_records"] == 0
+    assert res["speedup_vs_serial"] > 0 and res["fraction_of_lower_bound"] > 0
+
+
+@pytest.mark.services
+def test_queue_overhead_bench_runs(tmp_path):
+    out = tmp_path / "q.json"
+    r = run_bench("bench.queue_overhead", "--jobs", "40", "--repeats", "1", "--warmup-jobs", "5",
+                  "--concurrency", "2", "--output-json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Fleet / bare throughput (ratio)" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["fleet_jobs_per_s"] > 0 and res["bare_celery_jobs_per_s"] > 0
+    assert res["redis_commands_per_job_fleet"] > res["redis_commands_per_job_bare"] > 0
