@@ -90,6 +90,7 @@ def engine_options(args: argparse.Namespace, settings: Any) -> tuple[str, str, d
             opts["base_url"] = base
         if settings.openai_api_key:
             opts["api_key"] = settings.openai_api_key
+        opts["probe_scoring"] = True  # a non-vLLM server in contrastive mode fails at start
     elif backend == "transformers" and args.dtype:
         opts["dtype"] = args.dtype
     return backend, model, opts

@@ -455,6 +455,37 @@ def test_scoring_on_a_server_without_vllm_extensions(fake: FakeServer) -> None:
     assert "prompt_logprobs" in str(err)
 
 
+def test_probe_at_create_finds_a_server_that_cannot_score(fake: FakeServer) -> None:
+    """With probe_scoring the chain learns at start-up, so contrastive mode is refused up front."""
+    from scalecap.chain import ScaleCapChain
+    from scalecap.config import ImageScaleCaptionGenerateConfig
+    from scalecap.errors import ConfigError
+
+    fake.script["/tokenize"] = [Reply(404, {"detail": "Not Found"})]
+
+    async def go() -> OpenAIBackend:
+        b = await make(fake, probe_scoring=True)
+        await b.aclose()
+        return b
+
+    b = run(go)
+    assert b.supports_scoring is False
+    with pytest.raises(ConfigError, match="yesno"):
+        ScaleCapChain(b)
+    ScaleCapChain(b, ImageScaleCaptionGenerateConfig(sentence_filter="yesno"))
+
+
+def test_probe_does_not_fail_create_when_the_server_is_busy(fake: FakeServer) -> None:
+    fake.script["/tokenize"] = [Reply(503, {"detail": "busy"})] * 10
+
+    async def go() -> OpenAIBackend:
+        b = await make(fake, probe_scoring=True, max_retries=0)
+        await b.aclose()
+        return b
+
+    assert run(go).supports_scoring is True
+
+
 def test_scoring_without_prompt_logprobs_in_the_answer(fake: FakeServer) -> None:
     fake.script["/tokenize"] = [Reply(body={"count": 2, "tokens": [1, 2], "max_model_len": 10})]
 

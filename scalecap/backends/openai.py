@@ -94,12 +94,15 @@ class OpenAIBackend:
         image_format: str = "JPEG",
         backoff_base: float = 0.5,
         backoff_max: float = 20.0,
+        probe_scoring: bool = False,
         **unknown: Any,
     ) -> OpenAIBackend:
         """Open a client. An empty `model` takes the first model the server lists.
 
         timeout is seconds per HTTP request; backoff_base/backoff_max are seconds (the n-th retry
         waits about backoff_base * 2**n, at most backoff_max, unless Retry-After says otherwise).
+        probe_scoring sends one tiny teacher-forcing request now, so a server without vLLM's
+        extensions is known up front (`supports_scoring` False) instead of at the first image.
         """
         if unknown:
             raise ConfigError(f"openai backend: unknown options {sorted(unknown)}")
@@ -136,6 +139,13 @@ class OpenAIBackend:
             except BaseException:
                 await backend.aclose()
                 raise
+        if probe_scoring:
+            try:
+                await backend.score([ScoreRequest(prompt="Say ok.", continuation="ok")])
+            except ScoringUnsupported:
+                pass  # supports_scoring is now False
+            except BackendError as exc:  # server busy or down: find out at the first image instead
+                log.warning("openai backend: scoring probe failed (%s); assuming it can score", exc)
         return backend
 
     # --- the contract ----------------------------------------------------------------------
