@@ -21,7 +21,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     from scalecap.cli_options import add_engine_args
 
     parser.add_argument("--gpus", default=None,
-                        help="CUDA_VISIBLE_DEVICES for this worker, e.g. 0 or 0,1 (env SCALECAP_GPUS)")
+                        help="CUDA_VISIBLE_DEVICES for this worker, e.g. 0 or 0,1; several GPUs mean "
+                        "one vLLM engine across them (tensor parallel) (env SCALECAP_GPUS)")
     parser.add_argument("--queue", default=None,
                         help="queue(s) to consume, comma separated (default: scalecap.gpu.<model>)")
     parser.add_argument("--concurrency", type=int, default=None,
@@ -59,6 +60,7 @@ def main(args: argparse.Namespace) -> int:
     )
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    pinned = None
     if not args.io:
         # First, before any engine import: the GPUs this process may see.
         from workers.gpu import pin_gpus
@@ -81,6 +83,9 @@ def main(args: argparse.Namespace) -> int:
 
         backend, model, options = engine_options(args, settings)
         options.update(_backend_options(args.backend_option))
+        if backend == "vllm" and pinned and len(pinned) > 1:
+            # --gpus 0,1 means one engine across both: tensor parallel unless said otherwise
+            options.setdefault("tensor_parallel_size", len(pinned))
         settings = settings.with_overrides(backend=backend, model=model)
         queues = [q.strip() for q in (settings.queue or gpu_queue(model)).split(",") if q.strip()]
         concurrency = settings.concurrency
