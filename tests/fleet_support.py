@@ -18,17 +18,10 @@ from typing import Any
 
 import pytest
 
+from tests.scripted_vlm import COLOURS  # one palette for every scripted image
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTED = "tests.fleet_vlms:FleetVLM"
-
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 40),
-    "blue": (30, 50, 220),
-    "yellow": (230, 220, 40),
-    "white": (245, 245, 245),
-    "black": (10, 10, 10),
-}
 
 
 def make_images(folder: Path, spec: list[str], size: tuple[int, int] = (64, 48)) -> list[Path]:
