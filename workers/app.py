@@ -22,12 +22,16 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 
     kombu scans for expired unacknowledged messages every `interval * throttle` seconds (100 s by
     default), which would dwarf a short visibility timeout; scale the sweep with it instead.
+    The sweep holds a Redis mutex that expires after 300 s by default: a worker killed while
+    holding it (a poison job's os._exit, an OOM kill) would stop every restore in the fleet for
+    five minutes, so it expires with the visibility timeout too.
     """
     vt = int(settings.visibility_timeout)
     return {
         "visibility_timeout": vt,
         "unacked_restore_interval": max(1, min(10, vt // 5)),
         "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": max(5, min(60, vt)),
     }
 
 
