@@ -99,8 +99,8 @@ def serve_noop(broker_url: str, concurrency: int) -> int:
     """The bare Celery worker: the fleet's app settings, one task that only signals completion."""
     import redis
 
+    from scalecap.queue_app import create_app
     from scalecap.settings import Settings
-    from workers.app import create_app
 
     app = create_app(Settings(broker_url=broker_url))
     counter = redis.Redis.from_url(broker_url)
@@ -216,8 +216,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
     from producer.client import FleetClient
+    from scalecap.queue_app import create_app
     from scalecap.settings import Settings
-    from workers.app import create_app
 
     tmp = Path(tempfile.mkdtemp(prefix="scalecap-bench-queue-"))
     redis_proc, url = start_redis(tmp)

@@ -93,7 +93,7 @@ class FleetClient:
     def __init__(self, settings: Settings | None = None, *, redis_client: Any = None) -> None:
         import redis
 
-        from workers.app import create_app
+        from scalecap.queue_app import create_app
 
         self.settings = settings or Settings.from_env()
         self.redis = redis_client or redis.Redis.from_url(self.settings.broker_url)
@@ -106,13 +106,13 @@ class FleetClient:
     def sink(self, url: str) -> Any:
         """The sink for `url`, opened once (an S3 sink checks its bucket when opened)."""
         if url not in self._sinks:
-            from workers.sinks import open_sink
+            from scalecap.sinks import open_sink
 
             self._sinks[url] = open_sink(url, settings=self.settings, redis_client=self.redis)
         return self._sinks[url]
 
     def _s3_client(self) -> Any:
-        from workers.sinks import s3_client
+        from scalecap.sinks import s3_client
 
         return s3_client(self.settings)
 
@@ -204,7 +204,7 @@ class FleetClient:
         return result
 
     def _on_completed(self, batch_id: str) -> None:
-        from workers.tasks import enqueue_completion
+        from scalecap.queue_app import enqueue_completion
 
         enqueue_completion(self.app, self.store, batch_id)
 

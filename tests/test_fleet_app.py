@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from scalecap.queue_app import create_app, transport_options
 from scalecap.settings import Settings
-from workers.app import create_app, transport_options
 
 
 def test_app_is_json_only_late_ack_prefetch_one():

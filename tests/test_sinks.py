@@ -1,4 +1,4 @@
-"""Result sinks against the real SeaweedFS S3 server and a real Redis (workers.sinks)."""
+"""Result sinks against the real SeaweedFS S3 server and a real Redis (scalecap.sinks)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from scalecap.settings import Settings
-from workers.sinks import RedisSink, S3Sink, Sink, SinkError, open_sink
+from scalecap.sinks import RedisSink, S3Sink, Sink, SinkError, open_sink
 
 pytestmark = pytest.mark.services
 

@@ -69,8 +69,8 @@ def main(args: argparse.Namespace) -> int:
         if pinned is not None:
             log.info("pinned to GPU(s) %s", pinned)
 
+    from scalecap.queue_app import create_app
     from scalecap.queue_protocol import IO_QUEUE, gpu_queue
-    from workers.app import create_app
     from workers.tasks import register_tasks
 
     runtime = None

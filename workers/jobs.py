@@ -29,8 +29,8 @@ from scalecap.queue_protocol import (
 )
 from scalecap.record import is_error
 from scalecap.settings import Settings
+from scalecap.sinks import Sink, SinkError, open_sink
 from workers.engine import EngineRuntime, is_retryable_record
-from workers.sinks import Sink, SinkError, open_sink
 
 log = logging.getLogger(__name__)
 

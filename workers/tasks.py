@@ -8,13 +8,13 @@ from typing import Any
 
 from celery import Celery
 
+from scalecap.queue_app import enqueue_completion
 from scalecap.queue_protocol import (
     EVENT_BATCH_COMPLETED,
     EVENT_JOB_COMPLETED,
     IO_QUEUE,
     TASK_CAPTION,
     TASK_WEBHOOK,
-    BatchStore,
     JobMessage,
     batch_key,
     counts,
@@ -25,13 +25,6 @@ from scalecap.settings import Settings
 log = logging.getLogger(__name__)
 
 _ctx_lock = threading.Lock()
-
-
-def enqueue_completion(app: Celery, store: BatchStore, batch_id: str) -> None:
-    """Called by whoever finished the batch (exactly one caller): queue its webhook, if any."""
-    batch = store.batch(batch_id) or {}
-    if batch.get("webhook"):
-        app.send_task(TASK_WEBHOOK, args=[batch_id, EVENT_BATCH_COMPLETED], queue=IO_QUEUE)
 
 
 def enqueue_job_event(app: Celery, batch_id: str, job_id: str) -> None:

@@ -1,5 +1,8 @@
 """The Celery app, built from Settings so producers and workers agree on every delivery rule.
 
+Shared by producers (which only send tasks by name) and workers (which register them in
+workers.tasks), so it lives beside the queue protocol; Celery is imported only when an app is made.
+
 Delivery is at-least-once: acks happen after the task returns (`task_acks_late`), a task whose
 worker died is requeued (`task_reject_on_worker_lost`), each worker thread reserves one message at
 a time (`worker_prefetch_multiplier=1`), and Redis hands an unacknowledged message to another
@@ -9,12 +12,20 @@ state transitions and idempotent sink keys), not from the broker.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
-
-from scalecap.queue_protocol import IO_QUEUE, TASK_CAPTION, TASK_WEBHOOK, gpu_queue
+from scalecap.queue_protocol import (
+    EVENT_BATCH_COMPLETED,
+    IO_QUEUE,
+    TASK_CAPTION,
+    TASK_WEBHOOK,
+    BatchStore,
+    gpu_queue,
+)
 from scalecap.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -37,6 +48,8 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None, *, name: str = "scalecap") -> Celery:
     """A Celery app bound to `settings.broker_url`; tasks are registered by workers.tasks."""
+    from celery import Celery
+
     settings = settings or Settings.from_env()
     app = Celery(name, broker=settings.broker_url, set_as_current=False)
     app.conf.update(
@@ -66,3 +79,10 @@ def create_app(settings: Settings | None = None, *, name: str = "scalecap") -> C
     )
     app.conf.scalecap_settings = settings
     return app
+
+
+def enqueue_completion(app: Celery, store: BatchStore, batch_id: str) -> None:
+    """Called by whoever finished the batch (exactly one caller): queue its webhook, if any."""
+    batch = store.batch(batch_id) or {}
+    if batch.get("webhook"):
+        app.send_task(TASK_WEBHOOK, args=[batch_id, EVENT_BATCH_COMPLETED], queue=IO_QUEUE)
