@@ -47,7 +47,10 @@ def test_compose_file_is_valid():
 
 
 def test_compose_file_has_the_fleet_shape():
-    result = _compose(COMPOSE_FILE, "config", "--format", "json")
+    default = _compose(COMPOSE_FILE, "config", "--format", "json")
+    assert default.returncode == 0, default.stderr
+    assert "api" not in json.loads(default.stdout)["services"], "the API placeholder is opt-in"
+    result = _compose(COMPOSE_FILE, "--profile", "api", "config", "--format", "json")
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
     assert set(services) >= {"redis", "s3", *FLEET}
