@@ -199,14 +199,18 @@ class RedisServer(_Process):
         return db
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+def _running(server: _Process) -> Iterator[Any]:
+    """Start `server`, hand it to the tests, stop it whatever happened."""
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    yield from _running(RedisServer(tmp_path_factory.mktemp("redis")))
 
 
 @pytest.fixture
@@ -326,12 +330,7 @@ class S3Server(_Process):
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
-    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(S3Server(tmp_path_factory.mktemp("seaweedfs")))
 
 
 @pytest.fixture
