@@ -273,8 +273,9 @@ class FleetClient:
 
     def _jobs(self, batch_id: str, fields: tuple[str, ...], chunk: int = 500
               ) -> Iterator[tuple[str, list[str | None]]]:
-        """(job_id, [field values]) of every job of a batch, each once, streamed in chunks."""
-        seen: set[bytes] = set()
+        """(job_id, [field values]) of every job of a batch, each once, streamed in chunks.
+
+        Memory stays constant in the batch size: job ids come paged from the batch's index."""
         ids: list[str] = []
 
         def fetch() -> Iterator[tuple[str, list[str | None]]]:
@@ -285,11 +286,7 @@ class FleetClient:
                 yield j, [v.decode() if v is not None else None for v in values]
             ids.clear()
 
-        for j in self.store.job_ids(batch_id):
-            key = j.encode()
-            if key in seen:  # SSCAN may return an element twice
-                continue
-            seen.add(key)
+        for j in self.store.job_ids(batch_id, count=chunk):
             ids.append(j)
             if len(ids) >= chunk:
                 yield from fetch()

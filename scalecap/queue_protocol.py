@@ -12,7 +12,7 @@ Key schema (prefix `scalecap:`):
                             webhook, webhook_jobs ("1": also job.completed events),
                             created_at, started_at, closed ("1"), closed_at,
                             cancel_requested ("1"), finished_at
-  batch:{b}:jobs            set of the batch's job ids (dedupes repeated images)
+  batch:{b}:jobs            sorted set of the batch's job ids by arrival (dedupes repeated images)
   batch:{b}:webhook_attempts list of JSON attempt records (webhook delivery)
   job:{b}:{j}               hash: state, ref, attempts, location, error (JSON), updated_at
   record:{j}                string: JSON {"sink", "location"} of a finished record, across
@@ -150,10 +150,12 @@ local function finish(batch, now)
 end
 """
 
-# KEYS: batch, jobs set, job hash. ARGV: job_id, ref, state (queued|failed), now, error JSON|''.
-# Returns 1 when registered, 0 when the batch already holds this job.
+# KEYS: batch, jobs index, job hash. ARGV: job_id, ref, state (queued|failed), now, error JSON|''.
+# Returns 1 when registered, 0 when the batch already holds this job. The index is a sorted set
+# scored by arrival (its size before the add), so it can be paged by rank, without duplicates.
 REGISTER_LUA = """
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[2], redis.call('ZCARD', KEYS[2]), ARGV[1])
 redis.call('HSET', KEYS[3], 'state', ARGV[3], 'ref', ARGV[2], 'attempts', 0, 'updated_at', ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], 'error', ARGV[5]) end
 redis.call('HINCRBY', KEYS[1], 'total', 1)
@@ -307,8 +309,18 @@ class BatchStore:
         self.r.hset(batch_key(batch_id), "cancel_requested", "1")
 
     def job_ids(self, batch_id: str, count: int = 1000) -> Iterator[str]:
-        for j in self.r.sscan_iter(batch_jobs_key(batch_id), count=count):
-            yield _decode(j)
+        """Every job id of the batch, each once, in arrival order, `count` per round trip.
+
+        Jobs added meanwhile rank after those already read, so paging by rank neither skips
+        nor repeats one (Redis' SSCAN could repeat; deduplicating would cost memory per job).
+        """
+        key, start = batch_jobs_key(batch_id), 0
+        while True:
+            page = self.r.zrange(key, start, start + count - 1)
+            yield from (_decode(j) for j in page)
+            if len(page) < count:
+                return
+            start += count
 
     # --- jobs --------------------------------------------------------------------------
 

@@ -79,6 +79,20 @@ def test_register_dedupes_and_counts(redis_url):
 
 
 @pytest.mark.services
+def test_job_ids_page_each_job_once_in_arrival_order_even_while_jobs_arrive(redis_url):
+    store = _store(redis_url)
+    b = _batch(store)
+    store.register_jobs(b, [(f"j{i:04d}", f"r{i}", None) for i in range(250)])
+    seen = []
+    for n, j in enumerate(store.job_ids(b, count=100)):
+        seen.append(j)
+        if n == 150:  # a late chunk of the submission lands mid-iteration
+            store.register_jobs(b, [(f"k{i:03d}", f"s{i}", None) for i in range(30)]
+                                + [("j0001", "r1", None)])
+    assert seen == [f"j{i:04d}" for i in range(250)] + [f"k{i:03d}" for i in range(30)]
+
+
+@pytest.mark.services
 def test_transitions_move_one_count_and_final_states_stick(redis_url):
     store = _store(redis_url)
     b = _batch(store)
