@@ -159,21 +159,3 @@ class ScaleCapChain:
             if on_result is not None:
                 on_result(i, record)
         return out  # type: ignore[return-value]
-
-
-def item_for(source: ImageSource, ref: str | None = None) -> ChainItem:
-    """A ChainItem with a readable ref for any source (bytes and images get a content hash)."""
-    if ref is None:
-        if isinstance(source, str):
-            ref = source
-        elif isinstance(source, bytes):
-            import hashlib
-
-            ref = "sha256:" + hashlib.sha256(source).hexdigest()
-        elif hasattr(source, "tobytes"):
-            import hashlib
-
-            ref = "sha256:" + hashlib.sha256(source.tobytes()).hexdigest()
-        else:
-            ref = str(source)
-    return ChainItem(source=source, ref=ref)
