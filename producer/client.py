@@ -20,6 +20,7 @@ from scalecap.queue_protocol import (
     TASK_CAPTION,
     BatchStore,
     JobMessage,
+    batch_jobs_key,
     check_batch_id,
     counts,
     fleet_job_id,
@@ -131,6 +132,7 @@ class FleetClient:
         queue: str | None = None,
         image_key: str = "image",
         on_progress: Callable[[int], None] | None = None,
+        owner: str | None = None,
     ) -> SubmitResult:
         """Stream `source` into a batch: each job is published as soon as it is read.
 
@@ -159,6 +161,7 @@ class FleetClient:
             sink=sink,
             webhook=webhook,
             webhook_jobs=webhook_jobs,
+            owner=owner,
         )
         result = SubmitResult(batch_id, queue, 0, 0, 0, False)
         chunk: list[tuple[str, str, dict[str, Any] | None]] = []
@@ -237,6 +240,7 @@ class FleetClient:
         return {
             "batch_id": batch_id,
             "state": state,
+            "owner": b.get("owner") or None,
             **c,
             "sink": b.get("sink"),
             "model": b.get("model"),
@@ -316,6 +320,60 @@ class FleetClient:
             raise ConfigError("export needs an S3 sink; use `scalecap results -o FILE` instead")
         locations = (loc for _, (loc,) in self._jobs(batch_id, ("location",)) if loc)
         return sink.export_jsonl(batch_id, locations)
+
+    def list_batches(
+        self, owner: str | None = None, *, offset: int = 0, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """Status of batches, newest first: every batch, or only `owner`'s (paged)."""
+        out = []
+        for b in self.store.batch_ids(owner, offset=offset, limit=limit):
+            try:
+                out.append(self.status(b))
+            except BatchNotFound:  # purged meanwhile
+                continue
+        return out
+
+    def jobs(self, batch_id: str, *, offset: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """One page of a batch's jobs in arrival order: id, image, state, error (if any)."""
+        self._batch(batch_id)
+        ids = self.redis.zrange(batch_jobs_key(batch_id), offset, offset + max(limit, 0) - 1)
+        ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+        pipe = self.redis.pipeline(transaction=False)
+        for j in ids:
+            pipe.hmget(job_key(batch_id, j), "state", "ref", "error", "attempts", "location")
+        out = []
+        for j, vals in zip(ids, pipe.execute(), strict=True):
+            state, ref, error, attempts, location = (v.decode() if v is not None else None for v in vals)
+            out.append({"job_id": j, "image": ref, "state": state,
+                        "error": json.loads(error) if error else None,
+                        "attempts": int(attempts or 0), "has_record": bool(location)})
+        return out
+
+    def record(self, batch_id: str, job_id: str) -> dict[str, Any] | None:
+        """One image's row ({"image", "scalecap_record"}), or None while it has no record."""
+        b = self._batch(batch_id)
+        job = self.store.job(batch_id, job_id)
+        if job is None:
+            return None
+        if job.get("location"):
+            return self.sink(b["sink"]).read(job["location"])
+        if job.get("state") == "failed":
+            err = json.loads(job["error"]) if job.get("error") else {
+                "stage": "queue", "type": "Unknown", "message": "no record"}
+            return {"image": job.get("ref"), "scalecap_record": {"error": err, "meta": {"job_id": job_id}}}
+        return None
+
+    def failures(self, batch_id: str, *, limit: int = 1000) -> dict[str, Any]:
+        """A batch's failed jobs (job id, image, error) and its dead-letter entries."""
+        self._batch(batch_id)
+        failed = []
+        for j, (state, ref, error) in self._jobs(batch_id, ("state", "ref", "error")):
+            if state == "failed":
+                failed.append({"job_id": j, "image": ref, "error": json.loads(error) if error else None})
+                if len(failed) >= limit:
+                    break
+        dead = [d for d in self.dead_letters(limit=10_000) if d.get("batch_id") == batch_id][:limit]
+        return {"batch_id": batch_id, "failed": failed, "dead_letters": dead}
 
     # --- cancel ------------------------------------------------------------------------
 

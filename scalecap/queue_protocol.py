@@ -11,7 +11,7 @@ Key schema (prefix `scalecap:`):
                             dead_lettered), config (JSON), config_hash, model, queue, sink,
                             webhook, webhook_jobs ("1": also job.completed events),
                             created_at, started_at, closed ("1"), closed_at,
-                            cancel_requested ("1"), finished_at
+                            cancel_requested ("1"), finished_at, owner (API key id or '')
   batch:{b}:jobs            sorted set of the batch's job ids by arrival (dedupes repeated images)
   batch:{b}:webhook_attempts list of JSON attempt records (webhook delivery)
   job:{b}:{j}               hash: state, ref, attempts, location, error (JSON), updated_at
@@ -19,6 +19,7 @@ Key schema (prefix `scalecap:`):
                             batches: a resubmitted job that is done is not run again
   dead_letter               list of JSON entries of jobs that ran out of attempts
   batches                   sorted set of batch ids by creation time
+  owner:{o}:batches         sorted set of one owner's batch ids by creation time (HTTP API keys)
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ def batch_jobs_key(batch_id: str) -> str:
 
 def webhook_attempts_key(batch_id: str) -> str:
     return f"{PREFIX}batch:{batch_id}:webhook_attempts"
+
+
+def owner_batches_key(owner: str) -> str:
+    return f"{PREFIX}owner:{owner}:batches"
 
 
 def job_key(batch_id: str, job_id: str) -> str:
@@ -274,8 +279,11 @@ class BatchStore:
         sink: str,
         webhook: str | None = None,
         webhook_jobs: bool = False,
+        owner: str | None = None,
     ) -> bool:
-        """Create the batch hash; False when it already exists (a resubmission adds to it)."""
+        """Create the batch hash; False when it already exists (a resubmission adds to it).
+
+        `owner` (an HTTP API key id) scopes listing and access; '' means a direct producer."""
         key = batch_key(batch_id)
         created = self.r.hsetnx(key, "created_at", now())
         if created:
@@ -288,9 +296,13 @@ class BatchStore:
                 sink=sink,
                 webhook=webhook or "",
                 webhook_jobs="1" if webhook and webhook_jobs else "",
+                owner=owner or "",
             )
             self.r.hset(key, mapping=fields)
-            self.r.zadd(BATCHES_KEY, {batch_id: time.time()})
+            t = time.time()
+            self.r.zadd(BATCHES_KEY, {batch_id: t})
+            if owner:
+                self.r.zadd(owner_batches_key(owner), {batch_id: t})
         else:
             # Reopen: new jobs may arrive; the batch finishes again when they are final.
             self.r.hdel(key, "closed", "finished_at")
@@ -301,6 +313,16 @@ class BatchStore:
         if not raw:
             return None
         return {_decode(k): _decode(v) for k, v in raw.items()}
+
+    def batch_ids(self, owner: str | None = None, *, offset: int = 0, limit: int = 50) -> list[str]:
+        """Batch ids, newest first: all of them, or one owner's; paged by rank."""
+        key = owner_batches_key(owner) if owner else BATCHES_KEY
+        if limit <= 0:
+            return []
+        return [_decode(b) for b in self.r.zrevrange(key, offset, offset + limit - 1)]
+
+    def count_batches(self, owner: str | None = None) -> int:
+        return int(self.r.zcard(owner_batches_key(owner) if owner else BATCHES_KEY))
 
     def close(self, batch_id: str) -> Transition:
         return Transition(_decode(self._close(keys=[batch_key(batch_id)], args=[now()])))
@@ -452,6 +474,7 @@ __all__ = [
     "gpu_queue",
     "job_key",
     "new_batch_id",
+    "owner_batches_key",
     "record_index_key",
     "slug",
     "webhook_attempts_key",

@@ -8,10 +8,16 @@ cd "$(dirname "$0")/.."
 venv=${1:-.venv}
 py=${PYTHON:-python3}
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "[setup] installing redis-server (apt)"
+# redis-server for the queue tests, chromium for the viewer's browser tests (Playwright drives the
+# system build: its own browser download is not reachable here), openssl for Redis TLS tests.
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "[setup] installing ${need[*]} (apt)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
@@ -29,6 +35,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 echo "[setup] installing scalecap-fleet[dev,transformers]"
 pip install -q -e ".[dev]" "accelerate>=0.30"
+# The real DataFlow framework for the drop-in tests: its full install pulls CUDA torch, so take the
+# package alone plus the few libraries its core, pipeline, storage and registry import.
+if ! "$venv/bin/python" -c "import dataflow" >/dev/null 2>&1; then
+  echo "[setup] installing open-dataflow (no deps)"
+  pip install -q --no-deps "open-dataflow==1.0.13"
+  pip install -q colorlog rich openai requests
+fi
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cp scripts/cpu_env/scalecap_tv_fix.py "$site/scalecap_tv_fix.py"
 echo "import scalecap_tv_fix" > "$site/scalecap_tv_fix.pth"
