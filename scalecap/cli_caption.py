@@ -117,12 +117,12 @@ def main(args: argparse.Namespace) -> int:
     from scalecap.images import ImageLimits
     from scalecap.runtime import default_loop
 
-    limits = ImageLimits(
+    limits = ImageLimits.from_settings(
+        settings,
         min_pixels=config.min_pixels,
         max_pixels=config.max_pixels,
         allow_private_urls=bool(args.allow_private_urls or settings.allow_private_urls),
-        max_bytes=settings.max_image_bytes,
-        allowed_networks=list(settings.allowed_networks),
+        allowed_roots=None,  # local manifests name local files: any path, as before
     )
     if config.llm_base_url and not config.llm_api_key and settings.llm_api_key:
         config = config.replace(llm_api_key=settings.llm_api_key)

@@ -51,6 +51,10 @@ class ImageAccessDenied(ImageError):
     """The reference points outside the allowed roots or at a forbidden network address."""
 
 
+class ImageFetchError(ImageError):
+    """A fetch kept failing transiently (HTTP 5xx, timeouts, S3 throttling) after every retry."""
+
+
 class StageError(ScaleCapError):
     """A chain stage failed for one image; wraps the cause with the stage name."""
 

@@ -2,9 +2,12 @@
 
 Workers read references from manifests written by someone else, so loading is also a guard:
 byte caps while reading, a pixel cap read from the header before any decoding (a 50 KB PNG can
-claim 20000x20000 pixels), local paths confined to allowed roots after resolving symlinks, and
+claim 20000x20000 pixels), a bound on decodes at once (one worker runs ~64 jobs; a few big decodes
+together must not kill them all), local paths confined to allowed roots after resolving symlinks,
 http(s) fetches that refuse loopback, private and link-local addresses at connect time, on every
-redirect hop. Every error names the source, so a failed record says which image and why.
+redirect hop, and cloud metadata addresses always (scalecap.netguard), and s3:// buckets confined
+to an allow-list. Transient fetch failures (5xx, timeouts, S3 throttling) are retried with backoff
+before they count. Every error names the source, so a failed record says which image and why.
 Pillow's global settings are read, never changed: this runs in many threads at once.
 """
 
@@ -13,12 +16,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import ipaddress
 import logging
 import math
 import os
+import random
 import re
-import socket
 import stat
 import struct
 import threading
@@ -37,10 +39,18 @@ from scalecap.errors import (
     EmptyImage,
     ImageAccessDenied,
     ImageError,
+    ImageFetchError,
     ImageNotFound,
     ImageTooLarge,
     NotAnImage,
     TruncatedImage,
+)
+from scalecap.netguard import (
+    AddressPolicy,
+    AddressRefused,
+    forbidden_reason,
+    guarded_transport,
+    parse_networks,
 )
 
 __all__ = [
@@ -59,7 +69,7 @@ _USER_AGENT = "scalecap-fleet image loader"
 # Decoder failures that mean "the data stops early or is damaged" rather than "not an image".
 _DECODE_ERRORS = (OSError, EOFError, SyntaxError, ValueError, IndexError, struct.error, zlib.error)
 
-SourceKind = Literal["image", "bytes", "path", "file", "http", "s3", "data", "unsupported"]
+SourceKind = Literal["image", "bytes", "path", "file", "http", "s3", "data", "shard", "unsupported"]
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -69,9 +79,12 @@ class ImageLimits:
 
     max_bytes: int = 64 * 1024 * 1024
     """Encoded bytes read from any source; reading stops at the first byte over."""
-    max_decode_pixels: int = 178_956_970
-    """Width x height from the header, checked before decoding. The default is Pillow's own
-    hard limit (2 x Image.MAX_IMAGE_PIXELS), which still applies if this is set higher."""
+    max_decode_pixels: int = 40_000_000
+    """Width x height from the header, checked before decoding: 40 Mpx is a 120 MB RGB bitmap.
+    Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS, 179 Mpx) still applies above that."""
+    max_concurrent_decodes: int = 4
+    """Decodes at once in this process (all ImageLimits with this value share one gate);
+    fetching does not hold a slot."""
     min_pixels: int = 3136
     """Smaller images are upscaled to about this many pixels, keeping the aspect ratio."""
     max_pixels: int = 1003520
@@ -82,16 +95,27 @@ class ImageLimits:
     """Fetch http(s) from loopback, private, link-local, reserved or multicast addresses."""
     allowed_networks: Sequence[str] = ()
     """CIDR ranges exempt from the private-address refusal (an internal image store), while the
-    rest (cloud metadata at 169.254.169.254, say) stays refused."""
+    rest stays refused. Cloud metadata addresses are refused even when listed here."""
+    allowed_buckets: Sequence[str] = ()
+    """s3:// buckets images may come from; empty allows any bucket the credentials reach."""
     http_timeout: float = 30.0
-    """Seconds for one http(s) fetch, redirects and body included."""
+    """Seconds for one http(s) fetch try, redirects and body included."""
+    fetch_retries: int = 3
+    """Extra tries after a transient fetch failure (HTTP 5xx/408/429, timeout, reset, S3
+    SlowDown/throttling/5xx); 0 disables. Then the error is ImageFetchError."""
+    fetch_backoff: float = 0.5
+    """First backoff cap in seconds; doubles per retry (full jitter)."""
+    fetch_backoff_max: float = 8.0
+    """Longest wait between tries, Retry-After included."""
     s3_client_factory: Callable[[], Any] | None = None
     """Returns a boto3 S3 client; default: one from the SCALECAP_S3_* settings, cached."""
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_decode_pixels", "min_pixels", "max_pixels"):
+        for name in ("max_bytes", "max_decode_pixels", "min_pixels", "max_pixels", "max_concurrent_decodes"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"ImageLimits.{name} must be >= 1")
+        if self.fetch_retries < 0 or self.fetch_backoff < 0 or self.fetch_backoff_max < 0:
+            raise ConfigError("ImageLimits.fetch_retries, fetch_backoff and fetch_backoff_max must be >= 0")
         if self.max_pixels < self.min_pixels:
             raise ConfigError("ImageLimits.max_pixels must be >= min_pixels")
         if self.http_timeout <= 0:
@@ -100,14 +124,30 @@ class ImageLimits:
             self.allowed_roots = [self.allowed_roots]
         if isinstance(self.allowed_networks, str):
             self.allowed_networks = [self.allowed_networks]
+        if isinstance(self.allowed_buckets, str):
+            self.allowed_buckets = [self.allowed_buckets]
         _networks(self)
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> ImageLimits:
+        """The limits a worker or `scalecap caption` applies, from a scalecap Settings object."""
+        values: dict[str, Any] = {
+            "max_bytes": settings.max_image_bytes,
+            "max_decode_pixels": settings.max_decode_pixels,
+            "max_concurrent_decodes": settings.max_concurrent_decodes,
+            "allowed_roots": list(settings.allowed_roots),
+            "allow_private_urls": settings.allow_private_urls,
+            "allowed_networks": list(settings.allowed_networks),
+            "allowed_buckets": list(settings.allowed_buckets),
+            "fetch_retries": settings.fetch_retries,
+            "fetch_backoff": settings.fetch_backoff,
+        }
+        values.update(overrides)
+        return cls(**values)
 
 
 def _networks(limits: ImageLimits) -> tuple[Any, ...]:
-    try:
-        return tuple(ipaddress.ip_network(n, strict=False) for n in limits.allowed_networks)
-    except ValueError as exc:
-        raise ConfigError(f"ImageLimits.allowed_networks: {exc}") from exc
+    return parse_networks(limits.allowed_networks, "ImageLimits.allowed_networks")
 
 
 # -- references --------------------------------------------------------------------------------
@@ -132,6 +172,8 @@ def image_ref_kind(ref: Any) -> SourceKind:
         return "s3"
     if head.startswith("file://"):
         return "file"
+    if head.startswith(("wds+", "pq+")):  # one member/row of a shard: scalecap/shard_refs.py
+        return "shard"
     if _URI.match(ref):
         return "unsupported"
     return "path"
@@ -150,6 +192,10 @@ def describe_source(source: Any) -> str:
         return f"<{type(source).__name__}>"
     if kind == "data":
         return f"{_shorten(source.split(',', 1)[0], 60)},… ({len(source)} chars)"
+    if kind == "shard":
+        from scalecap.shard_refs import describe
+
+        return describe(source)
     if kind in ("http", "s3", "unsupported"):
         try:
             parts = urlsplit(source)
@@ -184,8 +230,9 @@ def load_image(source: Any, *, limits: ImageLimits | None = None) -> Image.Image
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         _warn_truncated_once()
     if kind == "image":
-        im = _check_and_load(source, limits, desc, draft=False)  # draft would alter the caller's
-        return _finish(im, limits, desc, in_place=False)
+        with decode_gate(limits.max_concurrent_decodes):
+            im = _check_and_load(source, limits, desc, draft=False)  # draft would alter the caller's
+            return _finish(im, limits, desc, in_place=False)
     hint = ""
     if kind == "bytes":
         data = bytes(source)
@@ -198,9 +245,17 @@ def load_image(source: Any, *, limits: ImageLimits | None = None) -> Image.Image
         data = _fetch_s3(source, limits, desc)
     elif kind == "data":
         data = _decode_data_uri(source, limits, desc)
+    elif kind == "shard":
+        from scalecap.shard_refs import read_shard_ref
+
+        data_or_ref = read_shard_ref(source, limits, desc)  # a URL column's row names its image
+        if isinstance(data_or_ref, str):
+            return load_image(data_or_ref, limits=limits)
+        data = data_or_ref
     else:
         raise ImageError(f"{desc}: unsupported image reference ({type(source).__name__})")
-    return _decode(data, limits, desc, hint)
+    with decode_gate(limits.max_concurrent_decodes):
+        return _decode(data, limits, desc, hint)
 
 
 def encode_data_url(img: Image.Image, fmt: str = "JPEG", *, quality: int = 95) -> str:
@@ -213,6 +268,19 @@ def encode_data_url(img: Image.Image, fmt: str = "JPEG", *, quality: int = 95) -
     img.save(buf, format=fmt, **kwargs)
     mime = Image.MIME.get(fmt, f"image/{fmt.lower()}")
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+_gates_lock = threading.Lock()
+_gates: dict[int, threading.BoundedSemaphore] = {}
+
+
+def decode_gate(size: int) -> threading.BoundedSemaphore:
+    """The process-wide semaphore that bounds decodes at once (one per distinct size)."""
+    with _gates_lock:
+        gate = _gates.get(size)
+        if gate is None:
+            gate = _gates[size] = threading.BoundedSemaphore(size)
+        return gate
 
 
 _warned = threading.Event()
@@ -298,14 +366,48 @@ def _decode_data_uri(uri: str, limits: ImageLimits, desc: str) -> bytes:
         raise NotAnImage(f"{desc}: invalid base64 payload") from exc
 
 
+class _Transient(Exception):
+    """A fetch failure worth another try (5xx, 408/429, timeout, reset, S3 throttling)."""
+
+    def __init__(self, text: str, retry_after: float | None = None) -> None:
+        super().__init__(text)
+        self.retry_after = retry_after
+
+
+def _with_retries(fetch: Callable[[], Any], limits: ImageLimits, desc: str) -> Any:
+    """Run `fetch`, retrying transient failures with full-jitter exponential backoff.
+
+    At most `fetch_retries` retries, each wait at most `fetch_backoff_max` seconds (a server's
+    Retry-After is honoured up to that cap); then ImageFetchError names what kept failing.
+    """
+    tries = int(limits.fetch_retries) + 1
+    for attempt in range(1, tries + 1):
+        try:
+            return fetch()
+        except _Transient as exc:
+            if attempt >= tries:
+                raise ImageFetchError(f"{exc} (gave up after {attempt} attempt(s))") from exc
+            cap = min(limits.fetch_backoff_max, limits.fetch_backoff * 2 ** (attempt - 1))
+            delay = random.uniform(0, cap)
+            if exc.retry_after is not None:
+                delay = min(limits.fetch_backoff_max, exc.retry_after)
+            log.info("%s; retry %d of %d in %.2f s", exc, attempt, tries - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def _fetch_http(url: str, limits: ImageLimits, desc: str) -> tuple[bytes, str]:
-    """The body and its content type; redirects followed by hand so each hop is checked."""
+    """The body and its content type; transient failures retried (each try with its own timeout)."""
+    return _with_retries(lambda: _fetch_http_once(url, limits, desc), limits, desc)
+
+
+def _fetch_http_once(url: str, limits: ImageLimits, desc: str) -> tuple[bytes, str]:
+    """One try; redirects followed by hand so each hop is checked, every connect vetted."""
     import httpx
 
     deadline = time.monotonic() + limits.http_timeout
-    transport = None if limits.allow_private_urls else _public_only_transport(limits)
     client = httpx.Client(
-        transport=transport,
+        transport=guarded_transport(_policy(limits)),
         timeout=limits.http_timeout,
         follow_redirects=False,
         trust_env=False,
@@ -327,27 +429,43 @@ def _fetch_http(url: str, limits: ImageLimits, desc: str) -> tuple[bytes, str]:
                     if resp.is_redirect:
                         current = urljoin(current, resp.headers["location"])
                         continue
-                    _check_status(resp.status_code, resp.reason_phrase, where)
+                    _check_status(resp, where)
                     ctype = resp.headers.get("content-type", "")
                     return _read_capped(resp, limits, where, deadline), ctype
-            except _AddressRefused as exc:
+            except AddressRefused as exc:
                 raise ImageAccessDenied(f"{where}: {exc}") from exc
             except httpx.TimeoutException as exc:
-                raise ImageError(f"{where}: timed out ({type(exc).__name__})") from exc
+                raise _Transient(f"{where}: timed out ({type(exc).__name__})") from exc
+            except httpx.TransportError as exc:  # connect refused/reset, broken response
+                raise _Transient(f"{where}: fetch failed: {type(exc).__name__}: {exc}") from exc
             except httpx.HTTPError as exc:
                 raise ImageError(f"{where}: fetch failed: {type(exc).__name__}: {exc}") from exc
     raise ImageError(f"{desc}: more than {MAX_REDIRECTS} redirects")
 
 
-def _check_status(status: int, reason: str, where: str) -> None:
+_TRANSIENT_STATUSES = frozenset({408, 429})
+
+
+def _check_status(resp: Any, where: str) -> None:
+    status = resp.status_code
     if status < 400:
         return
-    text = f"{where}: HTTP {status} {reason}".rstrip()
+    text = f"{where}: HTTP {status} {resp.reason_phrase}".rstrip()
     if status in (404, 410):
         raise ImageNotFound(text)
     if status in (401, 403):
         raise ImageAccessDenied(text)
+    if status >= 500 or status in _TRANSIENT_STATUSES:
+        raise _Transient(text, _retry_after(resp.headers.get("retry-after")))
     raise ImageError(text)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Delta-seconds only (an HTTP date is rare for images; the backoff applies then)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 def _read_capped(resp: Any, limits: ImageLimits, where: str, deadline: float) -> bytes:
@@ -360,15 +478,29 @@ def _read_capped(resp: Any, limits: ImageLimits, where: str, deadline: float) ->
         if len(buf) > limits.max_bytes:
             raise ImageTooLarge(f"{where}: body is over max_bytes={limits.max_bytes}")
         if time.monotonic() > deadline:
-            raise ImageError(f"{where}: timed out after {limits.http_timeout} s reading the body")
+            raise _Transient(f"{where}: timed out after {limits.http_timeout} s reading the body")
     return bytes(buf)
+
+
+def s3_bucket_allowed(uri: str, allowed: Sequence[str]) -> bool:
+    """Is `s3://bucket/...` in `allowed` (empty: every bucket)? Also checked by the producer."""
+    if not allowed:
+        return True
+    bucket = uri[5:].partition("/")[0] if uri[:5].lower() == "s3://" else ""
+    return bucket in allowed
 
 
 def _fetch_s3(uri: str, limits: ImageLimits, desc: str) -> bytes:
     bucket, _, key = uri[5:].partition("/")
     if not bucket or not key:
         raise ImageError(f"{desc}: expected s3://bucket/key")
+    if not s3_bucket_allowed(uri, limits.allowed_buckets):
+        raise ImageAccessDenied(f"{desc}: bucket {bucket!r} is not in allowed_buckets")
     client = limits.s3_client_factory() if limits.s3_client_factory else _default_s3_client()
+    return _with_retries(lambda: _fetch_s3_once(client, bucket, key, limits, desc), limits, desc)
+
+
+def _fetch_s3_once(client: Any, bucket: str, key: str, limits: ImageLimits, desc: str) -> bytes:
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -376,7 +508,7 @@ def _fetch_s3(uri: str, limits: ImageLimits, desc: str) -> bytes:
     except ClientError as exc:
         raise _s3_error(exc, desc) from exc
     except BotoCoreError as exc:
-        raise ImageError(f"{desc}: S3 request failed: {exc}") from exc
+        raise _s3_botocore_error(exc, f"{desc}: S3 request failed") from exc
     body = obj["Body"]
     try:
         size = obj.get("ContentLength")
@@ -389,12 +521,19 @@ def _fetch_s3(uri: str, limits: ImageLimits, desc: str) -> bytes:
                 raise ImageTooLarge(f"{desc}: body is over max_bytes={limits.max_bytes}")
         return bytes(buf)
     except BotoCoreError as exc:
-        raise ImageError(f"{desc}: S3 read failed: {exc}") from exc
+        raise _s3_botocore_error(exc, f"{desc}: S3 read failed") from exc
     finally:
         body.close()
 
 
-def _s3_error(exc: Any, desc: str) -> ImageError:
+_S3_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestLimitExceeded", "TooManyRequestsException", "ProvisionedThroughputExceededException",
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
+})  # fmt: skip
+
+
+def _s3_error(exc: Any, desc: str) -> Exception:
     err = exc.response.get("Error", {})
     code = str(err.get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -403,7 +542,25 @@ def _s3_error(exc: Any, desc: str) -> ImageError:
         return ImageNotFound(text)
     if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
         return ImageAccessDenied(text)
+    if code in _S3_TRANSIENT_CODES or (isinstance(status, int) and (status >= 500 or status == 429)):
+        return _Transient(text)
     return ImageError(text)
+
+
+def _s3_botocore_error(exc: Exception, what: str) -> Exception:
+    """Connection-level botocore errors are transient; the rest (no credentials, ...) are not."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    transient = (ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError,
+                 ResponseStreamingError)  # fmt: skip
+    text = f"{what}: {type(exc).__name__}: {exc}"
+    return _Transient(text) if isinstance(exc, transient) else ImageError(text)
 
 
 _s3_lock = threading.Lock()
@@ -421,118 +578,22 @@ def _default_s3_client() -> Any:
         if client is None:
             try:
                 import boto3
+                from botocore.config import Config
             except ImportError as exc:
                 raise ImageError("s3:// images need boto3: pip install 'scalecap-fleet[producer]'") from exc
-            client = _s3_clients[key] = boto3.client("s3", **kwargs)
+            # One try per call: _with_retries owns retrying, so the count in an error is true.
+            config = Config(retries={"mode": "standard", "total_max_attempts": 1})
+            client = _s3_clients[key] = boto3.client("s3", config=config, **kwargs)
     return client
 
 
-# -- address guard -----------------------------------------------------------------------------
+# -- address guard (scalecap.netguard) ---------------------------------------------------------
+
+_forbidden_reason = forbidden_reason  # kept under its old name for callers and tests
 
 
-def _forbidden_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why an address is not a public one (None when it is), looking inside v4-in-v6 forms."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return _forbidden_reason(ip.ipv4_mapped)
-        if ip.sixtofour is not None and _forbidden_reason(ip.sixtofour):
-            return "6to4 of " + str(_forbidden_reason(ip.sixtofour))
-        if ip in _NAT64:
-            return _forbidden_reason(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    for attr in ("loopback", "link_local", "unspecified", "multicast", "private", "reserved"):
-        if getattr(ip, "is_" + attr):
-            return attr.replace("_", "-")
-    if not ip.is_global:
-        return "not globally routable"
-    return None
-
-
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-class _AddressRefused(ImageAccessDenied):
-    """Raised inside the transport; re-raised as ImageAccessDenied with the source's name."""
-
-
-def _vetted_addresses(host: str, port: int, networks: Sequence[Any]) -> list[str]:
-    """Every address `host` resolves to, or ImageAccessDenied if any one of them is not public."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    for addr in addrs:
-        ip = ipaddress.ip_address(addr.split("%", 1)[0])
-        reason = _forbidden_reason(ip)
-        if reason and not any(ip in net for net in networks):
-            shown = f"host {host}" + ("" if host == addr else f" resolves to {addr}")
-            raise _AddressRefused(f"{shown}, a {reason} address: refused (allow_private_urls is off)")
-    return addrs
-
-
-_transport_lock = threading.Lock()
-_transport_classes: dict[str, type] = {}
-
-
-def _public_only_transport(limits: ImageLimits) -> Any:
-    """An httpx transport whose every TCP connection goes to a vetted public address.
-
-    The check sits where the socket is opened, so a redirect or a DNS answer that changes
-    between check and connect cannot slip through; TLS still verifies the original host name.
-    """
-    with _transport_lock:
-        if not _transport_classes:
-            _transport_classes["transport"] = _build_transport_class()
-    return _transport_classes["transport"](_networks(limits))
-
-
-def _build_transport_class() -> type:
-    import httpcore
-    import httpx
-
-    class PublicOnlyBackend(httpcore.SyncBackend):
-        def __init__(self, networks: Sequence[Any]) -> None:
-            self.networks = networks
-
-        def connect_tcp(
-            self,
-            host: str,
-            port: int,
-            timeout: float | None = None,
-            local_address: str | None = None,
-            socket_options: Any = None,
-        ) -> Any:
-            try:
-                addrs = _vetted_addresses(host, port, self.networks)
-            except socket.gaierror as exc:
-                raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-            error: Exception = httpcore.ConnectError(f"no address for {host}")
-            for addr in addrs:
-                try:
-                    return super().connect_tcp(addr, port, timeout, local_address, socket_options)
-                except httpcore.ConnectError as exc:
-                    error = exc
-            raise error
-
-    class PublicOnlyTransport(httpx.HTTPTransport):
-        def __init__(self, networks: Sequence[Any]) -> None:
-            super().__init__(trust_env=False)
-            self._pool = httpcore.ConnectionPool(
-                ssl_context=_ssl_context(), network_backend=PublicOnlyBackend(networks)
-            )
-
-    return PublicOnlyTransport
-
-
-_ssl_lock = threading.Lock()
-_ssl: list[Any] = []
-
-
-def _ssl_context() -> Any:
-    """One verified TLS context per process: building one reads the CA bundle."""
-    import httpx
-
-    with _ssl_lock:
-        if not _ssl:
-            _ssl.append(httpx.create_ssl_context())
-    return _ssl[0]
+def _policy(limits: ImageLimits) -> AddressPolicy:
+    return AddressPolicy(limits.allow_private_urls, _networks(limits), "allow_private_urls")
 
 
 # -- decoding ----------------------------------------------------------------------------------
@@ -600,7 +661,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 def _to_rgb(im: Image.Image, desc: str) -> Image.Image:
     """RGB by the right route for each mode: scale deep images, composite alpha on white."""
     if im.mode in _HIGH_DEPTH:
-        return Image.fromarray(_to_8bit(np.asarray(im), im.mode)).convert("RGB")
+        return _deep_to_l(im).convert("RGB")
     try:
         if im.mode in _ALPHA_MODES or "transparency" in im.info:
             rgba = im.convert("RGBA")
@@ -612,20 +673,57 @@ def _to_rgb(im: Image.Image, desc: str) -> Image.Image:
         raise NotAnImage(f"{desc}: cannot convert mode {im.mode} to RGB: {exc}") from exc
 
 
-def _to_8bit(arr: np.ndarray, mode: str) -> np.ndarray:
+_STRIP_PIXELS = 1 << 20
+
+
+def _strips(im: Image.Image) -> Any:
+    """(top row, samples) for strips of about a megapixel: the only wide copies ever made."""
+    w, h = im.size
+    rows = max(1, _STRIP_PIXELS // w)
+    for y in range(0, h, rows):
+        yield y, np.asarray(im.crop((0, y, w, min(h, y + rows))))
+
+
+def _deep_to_l(im: Image.Image) -> Image.Image:
+    """8-bit greyscale from a 16/32-bit or float image, one strip at a time.
+
+    The whole-image route (an int32 or float64 copy of every sample, then temporaries of the
+    same size) cost 8 to 24 bytes a pixel; this costs the 1-byte result plus one strip.
+    """
+    w, h = im.size
+    out = np.empty((h, w), np.uint8)
+    lo, hi = _value_range(im)
+    sixteen = im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535)
+    for y, arr in _strips(im):
+        out[y : y + arr.shape[0]] = _to_8bit(arr, sixteen, lo, hi)
+    return Image.fromarray(out, "L")
+
+
+def _value_range(im: Image.Image) -> tuple[float, float]:
+    """Smallest and largest sample, NaN counted as 0 and infinities as the float extremes."""
+    if im.mode != "F":
+        lo, hi = im.getextrema()
+        return float(lo), float(hi)  # type: ignore[arg-type]
+    lo, hi = math.inf, -math.inf
+    for _, arr in _strips(im):
+        a = np.nan_to_num(arr)
+        lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+    return lo, hi
+
+
+def _to_8bit(arr: np.ndarray, sixteen: bool, lo: float, hi: float) -> np.ndarray:
     """16-bit data maps 0..65535 onto 0..255 (v/257, rounded); anything else by its own range.
 
     Mode I holds 16-bit sources (PGM, some TIFFs) as int32, so values within 0..65535 are taken
-    as 16-bit; floats within 0..1 as fractions.
+    as 16-bit; floats within 0..1 as fractions. `lo`/`hi` are the whole image's range.
     """
-    if mode.startswith("I;16") or (mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 65535):
+    if sixteen:
         return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    a = np.nan_to_num(arr.astype(np.float64))
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if mode == "F" and lo >= 0.0 and hi <= 1.0:
+    if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
         lo, hi = 0.0, 1.0
     if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
+        return np.zeros(arr.shape, np.uint8)
+    a = np.nan_to_num(arr.astype(np.float64))
     return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 

@@ -67,6 +67,30 @@ class Settings:
     llm_api_key: str | None = None
     """Key of the separate language model (config llm_base_url); never stored in Redis."""
     max_image_bytes: int = 64 * 1024 * 1024
+    max_decode_pixels: int = 40_000_000
+    """Largest image (width x height, from its header) a worker decodes; more is ImageTooLarge."""
+    max_concurrent_decodes: int = 4
+    """Image decodes at once in one process, whatever the job concurrency."""
+    fetch_retries: int = 3
+    """Retries of an image fetch after a transient error (HTTP 5xx, timeout, S3 SlowDown)."""
+    fetch_backoff: float = 0.5
+    """First backoff of those retries in seconds; doubles each time (with jitter), at most 8 s."""
+    allowed_buckets: list[str] = field(default_factory=list)
+    """s3:// buckets images may be read from (empty: any the S3 credentials reach)."""
+    redis_ca_cert: str | None = None
+    """CA certificate file for rediss:// URLs (broker, results); default: the system's CAs."""
+    remote_control: bool = False
+    """Let `celery inspect/control` (and Flower's worker actions) command the workers."""
+    task_events: bool = True
+    """Celery task events (task-sent from producers, task-* and heartbeats from workers): Flower."""
+    metrics_port: int | None = None
+    """A worker's Prometheus /metrics, /healthz and /readyz port (none: no metrics server)."""
+    metrics_host: str = "0.0.0.0"
+    """Address the worker's metrics server listens on."""
+    heartbeat_max_age: float = 60.0
+    """Seconds without a heartbeat from the engine's event loop before /healthz fails."""
+    stall_timeout: float = 1800.0
+    """Seconds with images in flight and none finished before /healthz fails (a hung engine)."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
