@@ -72,8 +72,9 @@ def create_app(settings: Settings | None = None, *, name: str = "scalecap") -> C
         },
         task_default_queue=IO_QUEUE,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        # Task events (and worker heartbeats, see workers/cli.py) are what Flower shows.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         worker_enable_remote_control=True,
         broker_heartbeat=0,
     )

@@ -36,6 +36,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument("--no-warmup", action="store_true",
                         help="create the engine on the first job instead of before consuming")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus /metrics and /healthz, /readyz probes on this port "
+                        "(env SCALECAP_METRICS_PORT; address SCALECAP_METRICS_HOST)")
     add_engine_args(parser)
 
 
@@ -56,7 +59,8 @@ def main(args: argparse.Namespace) -> int:
     from scalecap.settings import Settings
 
     settings = Settings.from_env().with_overrides(
-        broker_url=args.broker_url, gpus=args.gpus, concurrency=args.concurrency, queue=args.queue
+        broker_url=args.broker_url, gpus=args.gpus, concurrency=args.concurrency, queue=args.queue,
+        metrics_port=args.metrics_port,
     )
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -68,6 +72,11 @@ def main(args: argparse.Namespace) -> int:
         pinned = pin_gpus(settings.gpus)
         if pinned is not None:
             log.info("pinned to GPU(s) %s", pinned)
+
+    from workers import metrics
+
+    if settings.metrics_port is not None:  # up before the engine: probes answer while it starts
+        metrics.serve(settings.metrics_host, settings.metrics_port)
 
     from scalecap.queue_app import create_app
     from scalecap.queue_protocol import IO_QUEUE, gpu_queue
@@ -95,6 +104,7 @@ def main(args: argparse.Namespace) -> int:
         engine.configure(runtime)
         if not args.no_warmup:
             runtime.vlm()  # fail now, clearly, if the engine cannot start
+        metrics.start_heartbeat(runtime.loop)
         log.info("engine ready: %s %s; consuming %s with %d job threads",
                  backend, model, ",".join(queues), concurrency)
 
@@ -102,6 +112,8 @@ def main(args: argparse.Namespace) -> int:
     from celery.utils.nodenames import host_format
 
     hostname = host_format(args.hostname or f"scalecap-{queues[0]}@{socket.gethostname()}")
+    metrics.configure(settings, io=args.io, queues=queues, hostname=hostname)
+    metrics.install_signals()
     worker = app.Worker(
         queues=queues,
         pool="threads",
@@ -110,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
         hostname=hostname,
         without_gossip=True,
         without_mingle=True,
-        without_heartbeat=True,
+        without_heartbeat=not settings.task_events,  # worker heartbeats tell Flower who is online
         optimization="fair",
     )
     try:
