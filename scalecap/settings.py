@@ -81,6 +81,16 @@ class Settings:
     """CA certificate file for rediss:// URLs (broker, results); default: the system's CAs."""
     remote_control: bool = False
     """Let `celery inspect/control` (and Flower's worker actions) command the workers."""
+    task_events: bool = True
+    """Celery task events (task-sent from producers, task-* and heartbeats from workers): Flower."""
+    metrics_port: int | None = None
+    """A worker's Prometheus /metrics, /healthz and /readyz port (none: no metrics server)."""
+    metrics_host: str = "0.0.0.0"
+    """Address the worker's metrics server listens on."""
+    heartbeat_max_age: float = 60.0
+    """Seconds without a heartbeat from the engine's event loop before /healthz fails."""
+    stall_timeout: float = 1800.0
+    """Seconds with images in flight and none finished before /healthz fails (a hung engine)."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

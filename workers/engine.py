@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 from scalecap.backends.base import Backend
@@ -19,6 +20,7 @@ from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.images import ImageLimits
 from scalecap.runtime import BackgroundLoop
 from scalecap.settings import Settings
+from workers import metrics
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,9 @@ class EngineRuntime:
                 from scalecap.backends import create_backend
 
                 log.info("starting %s engine for %s", self.backend_name, self.model)
+                t0 = time.monotonic()
                 self._vlm = loop.run(create_backend(self.backend_name, self.model, **self.options))
+                metrics.engine_started(self.model, self.backend_name, time.monotonic() - t0)
             return self._vlm
 
     def limits(self, config: ImageScaleCaptionGenerateConfig) -> ImageLimits:
@@ -99,7 +103,11 @@ class EngineRuntime:
     def caption(self, config_json: str | dict[str, Any], ref: str, job_id: str) -> dict[str, Any]:
         """The record of one image; blocks this task thread while the loop runs the chain."""
         chain = self.chain(config_json)
-        return self.loop.run(chain.caption(ChainItem(source=ref, ref=ref, job_id=job_id)))
+        record = self.loop.run(chain.caption(ChainItem(source=ref, ref=ref, job_id=job_id)))
+        metrics.observe_record(record)  # stage seconds, tokens, error type
+        from scalecap.shard_refs import attach_source  # a shard member's key and sidecars
+
+        return attach_source(record, ref, chain.image_limits)
 
     def close(self) -> None:
         with self._lock:
