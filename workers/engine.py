@@ -103,8 +103,8 @@ class EngineRuntime:
     def caption(self, config_json: str | dict[str, Any], ref: str, job_id: str) -> dict[str, Any]:
         """The record of one image; blocks this task thread while the loop runs the chain."""
         chain = self.chain(config_json)
-        record = self.loop.run(chain.caption(ChainItem(source=ref, ref=ref, job_id=job_id)))
-        metrics.observe_record(record)  # stage seconds, tokens, error type
+        # metrics.track: in flight while on the engine's loop; then stage seconds, tokens, errors
+        record = self.loop.run(metrics.track(chain.caption(ChainItem(source=ref, ref=ref, job_id=job_id))))
         from scalecap.shard_refs import attach_source  # a shard member's key and sidecars
 
         return attach_source(record, ref, chain.image_limits)

@@ -20,6 +20,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Awaitable
+from concurrent.futures import Future
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -48,7 +50,7 @@ TOKENS = Counter(
 RECORD_ERRORS = Counter(
     "scalecap_worker_record_errors", "Error records (bad image, engine failure) by stage and type",
     ["model", "stage", "type"])
-IN_FLIGHT = Gauge("scalecap_worker_images_in_flight", "Caption jobs running in this worker now", ["model"])
+IN_FLIGHT = Gauge("scalecap_worker_images_in_flight", "Images in this worker's chain now", ["model"])
 ENGINE_START = Gauge(
     "scalecap_worker_engine_start_seconds", "Seconds the engine took to start", ["model", "backend"])
 ENGINE_STARTED = Gauge(
@@ -89,16 +91,19 @@ class Health:
     def heartbeat_age(self) -> float:
         return 0.0 if self.last_beat is None else time.monotonic() - self.last_beat
 
-    def job_started(self) -> None:
+    def image_started(self) -> None:
         with self._lock:
             if self.in_flight == 0:
                 self.last_progress = time.monotonic()  # an idle worker has not stalled
             self.in_flight += 1
 
-    def job_finished(self) -> None:
+    def image_finished(self, *, completed: bool) -> None:
+        """`completed`: the chain returned a record (an error record too: the engine answered).
+        A chain that raised or was cancelled is no progress."""
         with self._lock:
             self.in_flight = max(0, self.in_flight - 1)
-            self.last_progress = time.monotonic()
+            if completed:
+                self.last_progress = time.monotonic()
 
     def problems(self) -> list[str]:
         """Why this worker is not live; empty when it is."""
@@ -175,15 +180,32 @@ def observe_record(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+async def track(chain_call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """Await one image's chain on the engine's loop, counting it in flight until it returns.
+
+    It runs on the loop, not in the job thread: an image whose job thread gave up waiting but whose
+    chain still hangs in the engine stays in flight, so the stall check sees it."""
+    IN_FLIGHT.labels(_model).inc()
+    _health.image_started()
+    completed = False
+    try:
+        record = await chain_call
+        completed = True
+    finally:
+        IN_FLIGHT.labels(_model).dec()
+        _health.image_finished(completed=completed)
+    return observe_record(record)
+
+
 def engine_started(model: str, backend: str, seconds: float) -> None:
     ENGINE_START.labels(model, backend).set(seconds)
     ENGINE_STARTED.labels(model, backend).set(time.time())
     _health.engine_ready = True
 
 
-def start_heartbeat(loop: Any, interval: float = 1.0) -> None:
+def start_heartbeat(loop: Any, interval: float = 1.0) -> Future[None]:
     """Beat from inside the engine's event loop (a `scalecap.runtime.BackgroundLoop`): if anything
-    blocks that loop, the beats stop and /healthz says so."""
+    blocks that loop, the beats stop and /healthz says so. Cancel the returned future to stop."""
 
     async def heartbeat() -> None:
         while True:
@@ -191,7 +213,7 @@ def start_heartbeat(loop: Any, interval: float = 1.0) -> None:
             await asyncio.sleep(interval)
 
     _health.beat()
-    loop.submit(heartbeat())
+    return loop.submit(heartbeat())
 
 
 # -- Celery signals -------------------------------------------------------------------------------
@@ -199,8 +221,6 @@ def start_heartbeat(loop: Any, interval: float = 1.0) -> None:
 def _prerun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
     if getattr(sender, "name", None) == TASK_CAPTION and task_id:
         _starts[task_id] = time.monotonic()
-        IN_FLIGHT.labels(_model).inc()
-        _health.job_started()
 
 
 def _postrun(sender: Any = None, task_id: str | None = None, retval: Any = None,
@@ -210,8 +230,6 @@ def _postrun(sender: Any = None, task_id: str | None = None, retval: Any = None,
         started = _starts.pop(task_id or "", None)
         if started is None:
             return
-        IN_FLIGHT.labels(_model).dec()
-        _health.job_finished()
         JOB_SECONDS.labels(_model).observe(time.monotonic() - started)
         if isinstance(retval, str):
             IMAGES.labels(_model, retval).inc()
