@@ -607,7 +607,9 @@ def _decode(data: bytes, limits: ImageLimits, desc: str, hint: str = "") -> Imag
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # over Pillow's own hard limit, at open
-        raise ImageTooLarge(f"{desc}: too many pixels to decode: {exc}") from exc
+        raise ImageTooLarge(
+            f"{desc}: too many pixels to decode (over max_decode_pixels={limits.max_decode_pixels}): {exc}"
+        ) from exc
     except UnidentifiedImageError as exc:
         what = f" ({hint})" if hint else ""
         raise NotAnImage(f"{desc}: not an image format Pillow can read{what}; starts {data[:12]!r}") from exc
