@@ -12,10 +12,22 @@ from scalecap.errors import (
     ScaleCapError,
     StageError,
 )
-from scalecap.operator import ImageScaleCaptionGenerate
-from scalecap.storage import FileStorage
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "ImageScaleCaptionGenerate": "scalecap.operator",
+    "FileStorage": "scalecap.storage",
+}
+"""Imported on first use: they load DataFlow when it is installed, which workers do not need."""
+
+
+def __getattr__(name: str) -> object:  # PEP 562
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'scalecap' has no attribute {name!r}")
 
 __all__ = [
     "BackendError",

@@ -16,7 +16,9 @@ SentenceFilter = Literal["contrastive", "yesno"]
 # Fields that change what the chain writes; their values make the config hash (and so job ids).
 # Addresses and keys of a separate language model are left out on purpose: the same model behind a
 # new address produces the same captions.
-_NOT_HASHED = {"llm_base_url", "llm_api_key"}
+_NOT_HASHED = {"llm_base_url", "llm_api_key", "input_jsonl_path", "output_jsonl_path"}
+LEGACY_FIELDS = ("input_jsonl_path", "output_jsonl_path")
+"""Fields of DataFlow-MM's original operator config, accepted with a warning (docs/dataflow.md)."""
 
 
 @dataclass
@@ -59,9 +61,23 @@ class ImageScaleCaptionGenerateConfig:
     llm_api_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form, hashed: lets a caller version its own variants."""
+    input_jsonl_path: str | None = None
+    """Legacy (DataFlow-MM's operator): JSONL read when the storage has no image column."""
+    output_jsonl_path: str | None = None
+    """Legacy (DataFlow-MM's operator): the records are also written to this JSONL file."""
 
     def __post_init__(self) -> None:
         self.validate()
+        for name in LEGACY_FIELDS:
+            if getattr(self, name) is not None:
+                import warnings
+
+                warnings.warn(
+                    f"{name} is a legacy field of DataFlow-MM's ScaleCap operator; the DataFlow operator "
+                    "still honours it, but prefer a FileStorage (docs/dataflow.md)",
+                    FutureWarning,
+                    stacklevel=3,
+                )
 
     def validate(self) -> None:
         if self.sentence_filter not in ("contrastive", "yesno"):

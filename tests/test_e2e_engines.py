@@ -33,8 +33,9 @@ def test_operator_on_vllm_with_file_storage(tmp_path, vllm_backend, engine_loop)
     storage = FileStorage(str(src), cache_path=str(tmp_path / "cache"))
     config = ImageScaleCaptionGenerateConfig(**SMALL, second_filter=True)
     op = ImageScaleCaptionGenerate(vllm_backend, config, loop=engine_loop)
-    path = op.run(storage.step())
-    rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    step = storage.step()
+    assert op.run(step) == ["scalecap_record"]
+    rows = [json.loads(x) for x in Path(step.last_written).read_text().splitlines()]
     assert [r["name"] for r in rows] == names
     good = [r["scalecap_record"] for r in rows[:4]]
     for rec in good:

@@ -38,10 +38,12 @@ def test_run_on_file_storage_with_bad_inputs(tmp_path, corpus):
     src = write_jsonl(tmp_path / "in.jsonl", lines)
     storage = FileStorage(str(src), cache_path=str(tmp_path / "cache"), file_name_prefix="dataflow_cache")
     op = ImageScaleCaptionGenerate(vlm, ImageScaleCaptionGenerateConfig(max_questions=3))
-    written = op.run(storage.step(), input_image_key="image", output_key="scalecap_record")
+    step = storage.step()
+    assert op.run(step, input_image_key="image", output_key="scalecap_record") == ["scalecap_record"]
 
-    assert storage.writes == 1
-    assert written == str(tmp_path / "cache" / "dataflow_cache_1.jsonl")
+    assert step.writes == 1, "one write per run"
+    written = step.last_written
+    assert written == str(tmp_path / "cache" / "dataflow_cache_step1.jsonl"), "DataFlow's file naming"
     rows = [json.loads(line) for line in Path(written).read_text().splitlines()]
     assert len(rows) == len(lines), "count in = count out"
     by_name = {r.get("name"): r["scalecap_record"] for r in rows if r.get("name")}
@@ -84,8 +86,9 @@ def test_config_as_dict_and_json_storage(tmp_path, corpus):
     src.write_text(json.dumps([{"image": str(corpus["jpeg"])}]))
     storage = FileStorage(str(src), cache_path=str(tmp_path / "c"), cache_type="json")
     op = ImageScaleCaptionGenerate(ScriptedVLM(), {"max_questions": 1, "second_filter": True})
-    path = op.run(storage.step())
-    (row,) = json.loads(Path(path).read_text())
+    step = storage.step()
+    assert op.run(step) == ["scalecap_record"]
+    (row,) = json.loads(Path(step.last_written).read_text())
     rec = row["scalecap_record"]
     assert len(rec["object_questions"]) == 1 and len(rec["position_questions"]) == 1
     assert rec["meta"]["config_hash"] == op.config.config_hash()

@@ -19,11 +19,12 @@ ALIASES = {
     "vllm": "scalecap.backends.vllm:VLLMBackend",
     "openai": "scalecap.backends.openai:OpenAIBackend",
     "transformers": "scalecap.backends.transformers:TransformersBackend",
+    "dataflow": "scalecap.backends.dataflow_serving:DataFlowServingBackend",
 }
 
 
 def resolve_backend_class(name: str) -> type:
-    """An alias (vllm, openai, transformers) or a 'package.module:Class' path."""
+    """An alias (vllm, openai, transformers, dataflow) or a 'package.module:Class' path."""
     target = ALIASES.get(name, name)
     if ":" not in target:
         raise ConfigError(f"unknown backend {name!r}: use one of {sorted(ALIASES)} or 'module:Class'")
