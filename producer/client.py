@@ -13,28 +13,31 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from scalecap import failpoints
 from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.errors import ConfigError, ScaleCapError
 from scalecap.queue_protocol import (
+    DEAD_LETTER_KEY,
     IO_QUEUE,
     TASK_CAPTION,
+    WEBHOOK_ATTEMPTS_SHOWN,
     BatchStore,
-    JobMessage,
     batch_jobs_key,
     check_batch_id,
     counts,
     fleet_job_id,
     gpu_queue,
-    job_key,
     new_batch_id,
+    queue_queued_key,
     webhook_attempts_key,
 )
+from scalecap.redact import redact_url
 from scalecap.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CHUNK = 500
-"""Jobs registered (one Redis round trip) and published per flush while streaming a source."""
+CHUNK = 512
+"""Jobs registered (one Lua script) and published per flush while streaming a source."""
 FLUSH_SECONDS = 0.25
 """A partial chunk is flushed after this long, so a slow source still starts work early."""
 
@@ -55,6 +58,9 @@ class SubmitResult:
     """Rows whose image the batch already held (repeated lines, a resubmission)."""
     completed: bool
     """The batch was already finished when submission closed (e.g. every row was bad)."""
+    republished: int = 0
+    """Of the duplicates, jobs not final yet whose messages were published again (a resubmission
+    after a crash: any that was lost runs; a duplicate message is skipped by the workers)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -92,13 +98,16 @@ class FleetClient:
     """One producer's view of the fleet: Redis for state, Celery (by task name) for jobs."""
 
     def __init__(self, settings: Settings | None = None, *, redis_client: Any = None) -> None:
-        import redis
-
+        from scalecap import redis_conn
         from scalecap.queue_app import create_app
 
         self.settings = settings or Settings.from_env()
-        self.redis = redis_client or redis.Redis.from_url(self.settings.broker_url)
-        self.store = BatchStore(self.redis)
+        self.redis = redis_client or redis_conn.redis_client(self.settings.broker_url, self.settings)
+        self.results_redis = (
+            redis_conn.redis_client(self.settings.results_url, self.settings)
+            if self.settings.results_url else self.redis
+        )
+        self.store = BatchStore(self.redis, retention=self.settings.retention)
         self.app = create_app(self.settings)
         self._sinks: dict[str, Any] = {}
 
@@ -109,7 +118,7 @@ class FleetClient:
         if url not in self._sinks:
             from scalecap.sinks import open_sink
 
-            self._sinks[url] = open_sink(url, settings=self.settings, redis_client=self.redis)
+            self._sinks[url] = open_sink(url, settings=self.settings, redis_client=self.results_redis)
         return self._sinks[url]
 
     def _s3_client(self) -> Any:
@@ -133,18 +142,25 @@ class FleetClient:
         image_key: str = "image",
         on_progress: Callable[[int], None] | None = None,
         owner: str | None = None,
+        chunk_size: int | None = None,
+        on_wait: Callable[[int], None] | None = None,
     ) -> SubmitResult:
         """Stream `source` into a batch: each job is published as soon as it is read.
 
         Constant memory whatever the source's size; workers start on the first chunk while the
         rest is still being read. Resubmitting the same images under the same config (to this or
-        another batch) is idempotent: finished images are not captioned or written again.
+        another batch) is idempotent: finished images are not captioned or written again, and
+        every job that is not final is published again (a crashed submit is repaired this way).
+        A resubmission with another config, model or sink raises BatchMismatch, writing nothing.
+        `chunk_size`: images per task message (default SCALECAP_CHUNK_SIZE). `on_wait(queued)` is
+        called while submission waits because more than SCALECAP_MAX_QUEUED images are queued.
         """
         from producer.sources import expand
 
         cfg = _config(config)
         model = model or self.settings.model
         queue = queue or gpu_queue(model)
+        k = max(1, int(chunk_size or self.settings.chunk_size))
         batch_id = check_batch_id(batch_id) if batch_id else new_batch_id()
         if webhook and not webhook.startswith(("http://", "https://")):
             raise ConfigError(f"webhook must be an http(s) URL, got {webhook!r}")
@@ -173,18 +189,23 @@ class FleetClient:
             def flush() -> None:
                 if not chunk:
                     return
-                new = self.store.register_jobs(batch_id, chunk)
-                for (jid, ref, error), is_new in zip(chunk, new, strict=True):
-                    if not is_new:
-                        result.duplicates += 1
-                    elif error:
+                self._backpressure(queue, on_wait)
+                codes, todo = self.store.register_jobs(batch_id, chunk, queue=queue)
+                for code in codes:
+                    if code == 1:
+                        result.submitted += 1
+                    elif code == 3:
                         result.failed += 1
                     else:
-                        msg = JobMessage(batch_id=batch_id, job_id=jid, ref=ref)
+                        result.duplicates += 1
+                        result.republished += code == 2
+                failpoints.hit("submit_after_register")
+                if todo is not None:
+                    for msg in todo.messages(k):
                         self.app.send_task(TASK_CAPTION, args=[msg.to_json()], queue=queue,
                                            producer=producer)
-                        result.submitted += 1
-                batch.flush()
+                    batch.flush()
+                    self.store.published(todo.member)  # on the broker: nothing left to repair
                 chunk.clear()
                 if on_progress is not None:
                     on_progress(result.submitted + result.failed + result.duplicates)
@@ -200,16 +221,21 @@ class FleetClient:
                     started = time.monotonic()
             flush()
 
-        t = self.store.close(batch_id)
-        result.completed = t.completed
-        if t.completed:
-            self._on_completed(batch_id)
+        result.completed = self.store.close(batch_id).completed  # its event is in the outbox
         return result
 
-    def _on_completed(self, batch_id: str) -> None:
-        from scalecap.queue_app import enqueue_completion
-
-        enqueue_completion(self.app, self.store, batch_id)
+    def _backpressure(self, queue: str, on_wait: Callable[[int], None] | None) -> None:
+        """Wait while more than SCALECAP_MAX_QUEUED images are queued for this queue's model."""
+        limit = self.settings.max_queued
+        if limit <= 0:
+            return
+        while True:
+            queued = int(self.redis.get(queue_queued_key(queue)) or 0)
+            if queued <= limit:
+                return
+            if on_wait is not None:
+                on_wait(queued)
+            time.sleep(0.5)
 
     # --- follow ------------------------------------------------------------------------
 
@@ -231,7 +257,12 @@ class FleetClient:
             state = "cancelling"
         else:
             state = "running" if b.get("started_at") else "queued"
-        attempts = [json.loads(x) for x in self.redis.lrange(webhook_attempts_key(batch_id), 0, -1)]
+        key = webhook_attempts_key(batch_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lrange(key, -WEBHOOK_ATTEMPTS_SHOWN, -1)
+        pipe.llen(key)
+        shown, total_attempts = pipe.execute()
+        attempts = [json.loads(x) for x in shown]
 
         def ts(name: str) -> float | None:
             v = b.get(name)
@@ -246,9 +277,10 @@ class FleetClient:
             "model": b.get("model"),
             "queue": b.get("queue"),
             "config_hash": b.get("config_hash"),
-            "webhook": b.get("webhook") or None,
+            "webhook": redact_url(b.get("webhook")) or None,  # its query string may hold a token
             "webhook_status": b.get("webhook_status"),
             "webhook_attempts": attempts,
+            "webhook_attempts_total": int(total_attempts),
             "created_at": ts("created_at"),
             "started_at": ts("started_at"),
             "closed_at": ts("closed_at"),
@@ -283,11 +315,8 @@ class FleetClient:
         ids: list[str] = []
 
         def fetch() -> Iterator[tuple[str, list[str | None]]]:
-            pipe = self.redis.pipeline(transaction=False)
-            for j in ids:
-                pipe.hmget(job_key(batch_id, j), *fields)
-            for j, values in zip(ids, pipe.execute(), strict=True):
-                yield j, [v.decode() if v is not None else None for v in values]
+            for j, view in zip(ids, self.store.jobs_view(batch_id, ids), strict=True):
+                yield j, [view.get(f) if view else None for f in fields]
             ids.clear()
 
         for j in self.store.job_ids(batch_id, count=chunk):
@@ -338,15 +367,12 @@ class FleetClient:
         self._batch(batch_id)
         ids = self.redis.zrange(batch_jobs_key(batch_id), offset, offset + max(limit, 0) - 1)
         ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
-        pipe = self.redis.pipeline(transaction=False)
-        for j in ids:
-            pipe.hmget(job_key(batch_id, j), "state", "ref", "error", "attempts", "location")
         out = []
-        for j, vals in zip(ids, pipe.execute(), strict=True):
-            state, ref, error, attempts, location = (v.decode() if v is not None else None for v in vals)
-            out.append({"job_id": j, "image": ref, "state": state,
-                        "error": json.loads(error) if error else None,
-                        "attempts": int(attempts or 0), "has_record": bool(location)})
+        for j, view in zip(ids, self.store.jobs_view(batch_id, ids), strict=True):
+            v = view or {}
+            out.append({"job_id": j, "image": v.get("ref"), "state": v.get("state"),
+                        "error": json.loads(v["error"]) if v.get("error") else None,
+                        "attempts": int(v.get("attempts") or 0), "has_record": bool(v.get("location"))})
         return out
 
     def record(self, batch_id: str, job_id: str) -> dict[str, Any] | None:
@@ -382,32 +408,48 @@ class FleetClient:
         running jobs finish. Returns the status afterwards."""
         self._batch(batch_id)
         self.store.request_cancel(batch_id)
-        completed = False
         ids: list[str] = []
-
-        def flush() -> bool:
-            pipe = self.redis.pipeline(transaction=False)
-            for j in ids:
-                self.store.transition(batch_id, j, "cancelled", expected="queued", client=pipe)
-            done = any((r.decode() if isinstance(r, bytes) else r) == "completed" for r in pipe.execute())
-            ids.clear()
-            return done
-
         for j in self.store.job_ids(batch_id):
             ids.append(j)
             if len(ids) >= 500:
-                completed |= flush()
+                self.store.cancel_jobs(batch_id, ids)
+                ids.clear()
         if ids:
-            completed |= flush()
-        completed |= self.store.close(batch_id).completed
-        if completed:
-            self._on_completed(batch_id)
+            self.store.cancel_jobs(batch_id, ids)
+        self.store.close(batch_id)  # the batch.completed event, if this finished it, is in the outbox
         return self.status(batch_id)
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        from scalecap.queue_protocol import DEAD_LETTER_KEY
-
         return [json.loads(x) for x in self.redis.lrange(DEAD_LETTER_KEY, 0, limit - 1)]
+
+    # --- repair and retention -------------------------------------------------------------
+
+    def reconcile(self, grace: float | None = None) -> dict[str, int]:
+        """One reconcile pass (what the I/O worker runs periodically): publish chunks noted
+        unpublished for longer than `grace` s, take back expired leases, drain the outbox."""
+        from scalecap.reconcile import Reconciler
+
+        rec = Reconciler(self.app, self.store, self.settings)
+        report = rec.reconcile(grace)
+        drained = rec.drain()
+        report.events, report.retries_due = drained.events, drained.retries_due
+        return report.to_dict()
+
+    def purge(self, batch_id: str) -> bool:
+        """Delete a batch's keys, index entries and Redis-sink records now (S3 records stay)."""
+        check_batch_id(batch_id)
+        return self.store.purge(batch_id, result_client=self.results_redis)
+
+    def purge_finished_before(self, t: float) -> list[str]:
+        """Purge every batch that finished before Unix time `t`; returns their ids."""
+        gone: list[str] = []
+        while True:
+            ids = self.store.finished_before(t, 500)
+            if not ids:
+                return gone
+            for b in ids:
+                self.purge(b)
+                gone.append(b)
 
 
 __all__ = ["IO_QUEUE", "BatchNotFound", "FleetClient", "SubmitResult"]

@@ -1,25 +1,36 @@
-"""The queue protocol shared by producers and workers (DESIGN.md "Queue protocol").
+"""The queue protocol shared by producers and workers (docs/protocol.md).
 
-Names (tasks, queues), the Redis key schema, the JSON job message, and the atomic batch counter
-updates as Lua scripts. Every state change of a job moves one count from one counter to another
-in one script, so counters never drift and exactly one caller sees a batch complete (and only that
-caller enqueues the batch.completed webhook). No Celery import here: the producer's client and the
-HTTP API share this module without a worker's dependencies.
+Names (tasks, queues), the Redis key layout, the JSON task message (a chunk of K images), and
+`BatchStore`, whose every state change runs as one Lua script from scalecap/protocol/*.lua (one
+file per transition, loaded once per client). Counters move in the same script as the job
+states they count, so they never drift; the script that finishes a batch also writes its
+batch.completed event to the outbox, so the event cannot be lost between two steps. No Celery
+import here: the producer's client and the HTTP API share this module without a worker's
+dependencies.
 
-Key schema (prefix `scalecap:`):
-  batch:{b}                 hash: counters (total, queued, running, done, failed, cancelled,
-                            dead_lettered), config (JSON), config_hash, model, queue, sink,
-                            webhook, webhook_jobs ("1": also job.completed events),
-                            created_at, started_at, closed ("1"), closed_at,
-                            cancel_requested ("1"), finished_at, owner (API key id or '')
-  batch:{b}:jobs            sorted set of the batch's job ids by arrival (dedupes repeated images)
-  batch:{b}:webhook_attempts list of JSON attempt records (webhook delivery)
-  job:{b}:{j}               hash: state, ref, attempts, location, error (JSON), updated_at
-  record:{j}                string: JSON {"sink", "location"} of a finished record, across
-                            batches: a resubmitted job that is done is not run again
-  dead_letter               list of JSON entries of jobs that ran out of attempts
-  batches                   sorted set of batch ids by creation time
-  owner:{o}:batches         sorted set of one owner's batch ids by creation time (HTTP API keys)
+Key layout (prefix `scalecap:`), every batch key with a TTL of SCALECAP_RETENTION once the
+batch finishes:
+  batch:{b}                  hash: counters (total, queued, running, done, failed, cancelled,
+                             dead_lettered, stale_results), config (JSON), config_hash, model,
+                             queue, sink, webhook, webhook_jobs ("1"), owner, created_at,
+                             started_at, closed, closed_at, cancel_requested, finished_at,
+                             seq (arrival counter), completions, webhook_status
+  batch:{b}:jobs             sorted set: job ids by arrival (paged by rank)
+  batch:{b}:job              hash: job id -> JSON {s state, r ref, a charged attempts, n runs,
+                             t attempt token, d lease deadline, q quarantined, l location,
+                             e error, u updated_at}
+  batch:{b}:webhook_attempts list of JSON webhook attempt records
+  record:{j}                 string (TTL = retention): JSON {"sink", "location"} of a finished
+                             record, across batches
+  dead_letter                list (newest first, capped) of jobs that ran out of attempts
+  batches, owner:{o}:batches sorted sets of batch ids by creation time; owners: hash b -> owner
+  finished                   sorted set of finished batch ids by finish time (retention, purge)
+  outbox                     list of JSON events waiting for the I/O worker
+  webhook_retries            sorted set of JSON events by when their next attempt is due
+  unpublished                sorted set of JSON chunks registered (or requeued) whose message
+                             is not yet known to be on the broker, by when it is due
+  leases                     sorted set of JSON {b, t, jobs} of running chunks, by deadline
+  queue:{q}:queued           images queued for queue q (submit backpressure)
 """
 
 from __future__ import annotations
@@ -29,29 +40,45 @@ import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 from scalecap.errors import ConfigError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # --- names ---------------------------------------------------------------------------------
 
 TASK_CAPTION = "scalecap.caption"
 TASK_WEBHOOK = "scalecap.deliver_webhook"
 IO_QUEUE = "scalecap.io"
+"""The I/O worker's lane for batch events (and the default queue)."""
+IO_JOBS_QUEUE = "scalecap.io.jobs"
+"""The I/O worker's lane for per-job events, so batch events never wait behind them."""
 GPU_QUEUE_PREFIX = "scalecap.gpu."
+QUARANTINE_SUFFIX = ".quarantine"
 EVENT_BATCH_COMPLETED = "batch.completed"
 EVENT_JOB_COMPLETED = "job.completed"
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATES = ("done", "failed", "cancelled")
-COUNTERS = ("total", *STATES, "dead_lettered")
+COUNTERS = ("total", *STATES, "dead_lettered", "stale_results")
 
 PREFIX = "scalecap:"
 DEAD_LETTER_KEY = PREFIX + "dead_letter"
 BATCHES_KEY = PREFIX + "batches"
+OWNERS_KEY = PREFIX + "owners"
+FINISHED_KEY = PREFIX + "finished"
+OUTBOX_KEY = PREFIX + "outbox"
+WEBHOOK_RETRIES_KEY = PREFIX + "webhook_retries"
+UNPUBLISHED_KEY = PREFIX + "unpublished"
+LEASES_KEY = PREFIX + "leases"
+RECORD_PREFIX = PREFIX + "record:"
+WEBHOOK_ATTEMPTS_SHOWN = 100
+"""`status` shows the newest this many webhook attempts (and the total)."""
+WEBHOOK_ATTEMPTS_KEPT = 1000
+"""A batch's attempt log is trimmed to the newest this many."""
 
 
 def slug(model: str) -> str:
@@ -70,6 +97,11 @@ def gpu_queue(model: str) -> str:
     return GPU_QUEUE_PREFIX + slug(model)
 
 
+def quarantine_queue(queue: str) -> str:
+    """The lane where jobs whose run was lost run again, one at a time per worker."""
+    return queue if queue.endswith(QUARANTINE_SUFFIX) else queue + QUARANTINE_SUFFIX
+
+
 def fleet_job_id(ref: str, config_hash: str, model: str) -> str:
     """The job id of one image under one config on one model: resubmitting it is idempotent."""
     from scalecap.record import job_id
@@ -85,6 +117,10 @@ def batch_jobs_key(batch_id: str) -> str:
     return f"{PREFIX}batch:{batch_id}:jobs"
 
 
+def job_states_key(batch_id: str) -> str:
+    return f"{PREFIX}batch:{batch_id}:job"
+
+
 def webhook_attempts_key(batch_id: str) -> str:
     return f"{PREFIX}batch:{batch_id}:webhook_attempts"
 
@@ -93,12 +129,12 @@ def owner_batches_key(owner: str) -> str:
     return f"{PREFIX}owner:{owner}:batches"
 
 
-def job_key(batch_id: str, job_id: str) -> str:
-    return f"{PREFIX}job:{batch_id}:{job_id}"
+def queue_queued_key(queue: str) -> str:
+    return f"{PREFIX}queue:{queue.removesuffix(QUARANTINE_SUFFIX)}:queued"
 
 
 def record_index_key(job_id: str) -> str:
-    return f"{PREFIX}record:{job_id}"
+    return RECORD_PREFIX + job_id
 
 
 _BATCH_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -114,20 +150,33 @@ def check_batch_id(batch_id: str) -> str:
     return batch_id
 
 
-# --- the job message -----------------------------------------------------------------------
+class BatchMismatch(ConfigError):
+    """A resubmission to an existing batch with another config, model or sink (nothing written)."""
+
+
+# --- the task message -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class JobMessage:
-    """The body of one caption task: JSON only, and thin (the config lives in the batch hash)."""
+    """The body of one caption task: a chunk of (job id, image ref) of one batch, JSON only.
+
+    Thin: the config lives in the batch hash (and in each worker's cache). Each image keeps its
+    own job state, attempts and record; the chunk shares one claim and one finish script.
+    `quarantine`: the chunk runs in the quarantine lane (alone in its worker).
+    """
 
     batch_id: str
-    job_id: str
-    ref: str
+    jobs: tuple[tuple[str, str], ...]
+    quarantine: bool = False
     v: int = PROTOCOL_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out: dict[str, Any] = {"v": self.v, "batch_id": self.batch_id,
+                               "jobs": [list(j) for j in self.jobs]}
+        if self.quarantine:
+            out["quarantine"] = True
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> JobMessage:
@@ -136,100 +185,60 @@ class JobMessage:
         if data.get("v") != PROTOCOL_VERSION:
             raise ValueError(f"unsupported job message version {data.get('v')!r}")
         try:
-            return cls(batch_id=str(data["batch_id"]), job_id=str(data["job_id"]), ref=str(data["ref"]))
+            jobs = tuple((str(j), str(r)) for j, r in data["jobs"])
+            return cls(batch_id=str(data["batch_id"]), jobs=jobs,
+                       quarantine=bool(data.get("quarantine")))
         except KeyError as exc:
             raise ValueError(f"job message lacks {exc.args[0]!r}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"job message jobs must be [job_id, ref] pairs: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A chunk noted in `unpublished` (or a lease): decoded from its JSON member."""
+
+    member: str
+    batch_id: str
+    queue: str
+    jobs: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def parse(cls, member: str | bytes) -> Chunk:
+        m = _decode(member)
+        d = json.loads(m)
+        return cls(m, d["b"], d.get("q", ""), tuple((j, r) for j, r in d.get("jobs") or []))
+
+    @property
+    def quarantine(self) -> bool:
+        return self.queue.endswith(QUARANTINE_SUFFIX)
+
+    def messages(self, k: int) -> Iterator[JobMessage]:
+        """The chunk as task messages of at most k images (one image each in quarantine)."""
+        k = 1 if self.quarantine else max(1, int(k))
+        for i in range(0, len(self.jobs), k):
+            yield JobMessage(self.batch_id, self.jobs[i : i + k], self.quarantine)
 
 
 # --- Lua ---------------------------------------------------------------------------------
 
-# Sets finished_at exactly once, when submission is closed and every job is final.
-_FINISH = """
-local function finish(batch, now)
-  local h = redis.call('HMGET', batch, 'closed', 'finished_at', 'total', 'done', 'failed', 'cancelled')
-  if h[1] ~= '1' or h[2] then return false end
-  local final = tonumber(h[4] or '0') + tonumber(h[5] or '0') + tonumber(h[6] or '0')
-  if final < tonumber(h[3] or '0') then return false end
-  redis.call('HSET', batch, 'finished_at', now)
-  return true
-end
-"""
+SCRIPTS = ("create_batch", "register_jobs", "claim_chunk", "finish_chunk", "close_batch",
+           "cancel_jobs", "expire_lease")
 
-# KEYS: batch, jobs index, job hash. ARGV: job_id, ref, state (queued|failed), now, error JSON|''.
-# Returns 1 when registered, 0 when the batch already holds this job. The index is a sorted set
-# scored by arrival (its size before the add), so it can be paged by rank, without duplicates.
-REGISTER_LUA = """
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[2], redis.call('ZCARD', KEYS[2]), ARGV[1])
-redis.call('HSET', KEYS[3], 'state', ARGV[3], 'ref', ARGV[2], 'attempts', 0, 'updated_at', ARGV[4])
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], 'error', ARGV[5]) end
-redis.call('HINCRBY', KEYS[1], 'total', 1)
-redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
-return 1
-"""
 
-# KEYS: batch, job hash, dead-letter list, record index. ARGV: to, now, expected from ('' = any
-# non-final), dead-letter entry JSON ('' = none), record index entry JSON ('' = none), its TTL in
-# seconds ('0' = none), then field/value pairs for the job hash.
-# Returns 'completed' (this call finished the batch), 'ok', 'missing', 'final:<s>', 'skip:<s>'.
-TRANSITION_LUA = (
-    _FINISH
-    + """
-local old = redis.call('HGET', KEYS[2], 'state')
-if not old then return 'missing' end
-if old == 'done' or old == 'failed' or old == 'cancelled' then return 'final:' .. old end
-if ARGV[3] ~= '' and old ~= ARGV[3] then return 'skip:' .. old end
-local to = ARGV[1]
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[2], 'state', to, 'updated_at', ARGV[2])
-if old ~= to then
-  redis.call('HINCRBY', KEYS[1], old, -1)
-  redis.call('HINCRBY', KEYS[1], to, 1)
-end
-if to == 'running' then redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2]) end
-if ARGV[4] ~= '' then
-  redis.call('LPUSH', KEYS[3], ARGV[4])
-  redis.call('HINCRBY', KEYS[1], 'dead_lettered', 1)
-end
-if ARGV[5] ~= '' then
-  if ARGV[6] ~= '0' then redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[6])
-  else redis.call('SET', KEYS[4], ARGV[5]) end
-end
-if to == 'done' or to == 'failed' or to == 'cancelled' then
-  if finish(KEYS[1], ARGV[2]) then return 'completed' end
-end
-return 'ok'
-"""
-)
+def script_source(name: str) -> str:
+    """One transition's Lua: scalecap/protocol/lib.lua followed by `name`.lua."""
+    pkg = resources.files("scalecap.protocol")
+    return pkg.joinpath("lib.lua").read_text() + "\n" + pkg.joinpath(f"{name}.lua").read_text()
 
-# KEYS: batch, job hash. ARGV: now, max_attempts.
-# Counts one delivery and marks the job running: {'run', n}, {'exhausted', n}, {'final:<s>', 0},
-# {'missing', 0}. An exhausted job keeps its state for the caller to dead-letter.
-CLAIM_LUA = """
-local old = redis.call('HGET', KEYS[2], 'state')
-if not old then return {'missing', 0} end
-if old == 'done' or old == 'failed' or old == 'cancelled' then return {'final:' .. old, 0} end
-local n = redis.call('HINCRBY', KEYS[2], 'attempts', 1)
-if n > tonumber(ARGV[2]) then return {'exhausted', n} end
-if old ~= 'running' then
-  redis.call('HINCRBY', KEYS[1], old, -1)
-  redis.call('HINCRBY', KEYS[1], 'running', 1)
-  redis.call('HSET', KEYS[2], 'state', 'running', 'updated_at', ARGV[1])
-end
-redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1])
-return {'run', n}
-"""
 
-# KEYS: batch. ARGV: now. Closes submission; 'completed' when that finished the batch.
-CLOSE_LUA = (
-    _FINISH
-    + """
-if not redis.call('HGET', KEYS[1], 'created_at') then return 'missing' end
-redis.call('HSET', KEYS[1], 'closed', '1', 'closed_at', ARGV[1])
-if finish(KEYS[1], ARGV[1]) then return 'completed' end
-return 'ok'
-"""
-)
+_SOURCES: dict[str, str] = {}
+
+
+def _source(name: str) -> str:
+    if name not in _SOURCES:
+        _SOURCES[name] = script_source(name)
+    return _SOURCES[name]
 
 
 def now() -> str:
@@ -256,15 +265,80 @@ class Transition:
         return self.result in ("ok", "completed")
 
 
-class BatchStore:
-    """Batch and job state in Redis: every write that touches counters runs as one Lua script."""
+@dataclass
+class Claim:
+    """What claim_chunk decided for each job of a chunk."""
 
-    def __init__(self, redis_client: Any) -> None:
+    lease: str
+    quarantine: str
+    """The unpublished member of jobs sent to the quarantine lane ('' if none)."""
+    codes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """job id -> (code, detail): run (detail: record index entry JSON or ''), final, busy, skip,
+    quarantined, dead, cancelled, missing."""
+
+    def runnable(self) -> list[str]:
+        return [j for j, (c, _) in self.codes.items() if c == "run"]
+
+
+@dataclass
+class Outcome:
+    """One job's result of a run, for finish_chunk."""
+
+    job_id: str
+    outcome: str
+    """done | failed | retry (charged) | requeue (not the job's fault)."""
+    location: str = ""
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class Finish:
+    result: str
+    retry: str
+    """The unpublished member of jobs queued again ('' if none)."""
+    codes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> bool:
+        return self.result == "completed"
+
+
+def _job_view(raw: Any) -> dict[str, str] | None:
+    """A job's JSON state in the shape callers read: state, ref, attempts, location, error..."""
+    if raw is None:
+        return None
+    d = json.loads(raw)
+    out = {"state": d.get("s", ""), "ref": d.get("r", ""), "attempts": str(d.get("a", 0)),
+           "runs": str(d.get("n", 0)), "updated_at": str(d.get("u", ""))}
+    if d.get("l"):
+        out["location"] = d["l"]
+    if d.get("e"):
+        out["error"] = json.dumps(d["e"])
+    if d.get("q"):
+        out["quarantined"] = "1"
+    return out
+
+
+class BatchStore:
+    """Batch and job state in Redis: every write that touches counters is one Lua script."""
+
+    def __init__(self, redis_client: Any, *, retention: int = 7 * 24 * 3600) -> None:
         self.r = redis_client
-        self._register = redis_client.register_script(REGISTER_LUA)
-        self._transition = redis_client.register_script(TRANSITION_LUA)
-        self._claim = redis_client.register_script(CLAIM_LUA)
-        self._close = redis_client.register_script(CLOSE_LUA)
+        self.retention = int(retention)
+        self._scripts = {name: redis_client.register_script(_source(name)) for name in SCRIPTS}
+
+    def _keys(self, batch_id: str, queue: str = "") -> list[str]:
+        return [batch_key(batch_id), batch_jobs_key(batch_id), job_states_key(batch_id),
+                webhook_attempts_key(batch_id), FINISHED_KEY, OUTBOX_KEY, DEAD_LETTER_KEY,
+                LEASES_KEY, UNPUBLISHED_KEY, queue_queued_key(queue or "none"), OWNERS_KEY]
+
+    def _run(self, name: str, batch_id: str, args: list[Any], *, queue: str = "",
+             client: Any = None) -> Any:
+        return self._scripts[name](keys=self._keys(batch_id, queue),
+                                   args=[batch_id, now(), self.retention, *args], client=client)
+
+    def queue_of(self, batch_id: str) -> str:
+        return _decode(self.r.hget(batch_key(batch_id), "queue") or b"")
 
     # --- batches -----------------------------------------------------------------------
 
@@ -281,32 +355,22 @@ class BatchStore:
         webhook_jobs: bool = False,
         owner: str | None = None,
     ) -> bool:
-        """Create the batch hash; False when it already exists (a resubmission adds to it).
+        """Create the batch (one script); False when it exists and was reopened for more jobs.
 
-        `owner` (an HTTP API key id) scopes listing and access; '' means a direct producer."""
-        key = batch_key(batch_id)
-        created = self.r.hsetnx(key, "created_at", now())
-        if created:
-            fields = {c: 0 for c in COUNTERS}
-            fields.update(
-                config=json.dumps(config, sort_keys=True),
-                config_hash=config_hash,
-                model=model,
-                queue=queue,
-                sink=sink,
-                webhook=webhook or "",
-                webhook_jobs="1" if webhook and webhook_jobs else "",
-                owner=owner or "",
+        Raises BatchMismatch, writing nothing, when the existing batch has another config,
+        model or sink. `owner` (an HTTP API key id) scopes listing; '' is a direct producer."""
+        res = self._run("create_batch", batch_id, [
+            json.dumps(config, sort_keys=True), config_hash, model, queue, sink, webhook or "",
+            "1" if webhook and webhook_jobs else "", owner or "", BATCHES_KEY,
+            owner_batches_key(owner) if owner else "",
+        ])
+        res = [_decode(x) for x in res]
+        if res[0] == "mismatch":
+            raise BatchMismatch(
+                f"batch {batch_id} exists with another {res[1]} ({res[2]!r}); resubmit with the "
+                f"same {res[1]}, or use a new --batch-id"
             )
-            self.r.hset(key, mapping=fields)
-            t = time.time()
-            self.r.zadd(BATCHES_KEY, {batch_id: t})
-            if owner:
-                self.r.zadd(owner_batches_key(owner), {batch_id: t})
-        else:
-            # Reopen: new jobs may arrive; the batch finishes again when they are final.
-            self.r.hdel(key, "closed", "finished_at")
-        return bool(created)
+        return res[0] == "created"
 
     def batch(self, batch_id: str) -> dict[str, str] | None:
         raw = self.r.hgetall(batch_key(batch_id))
@@ -325,16 +389,20 @@ class BatchStore:
         return int(self.r.zcard(owner_batches_key(owner) if owner else BATCHES_KEY))
 
     def close(self, batch_id: str) -> Transition:
-        return Transition(_decode(self._close(keys=[batch_key(batch_id)], args=[now()])))
+        return Transition(_decode(self._run("close_batch", batch_id, [])))
+
+    def cancel_jobs(self, batch_id: str, job_ids: list[str]) -> int:
+        """Mark the batch cancelled; count these jobs cancelled where still queued."""
+        return int(self._run("cancel_jobs", batch_id, job_ids, queue=self.queue_of(batch_id)))
 
     def request_cancel(self, batch_id: str) -> None:
-        self.r.hset(batch_key(batch_id), "cancel_requested", "1")
+        self.cancel_jobs(batch_id, [])
 
     def job_ids(self, batch_id: str, count: int = 1000) -> Iterator[str]:
         """Every job id of the batch, each once, in arrival order, `count` per round trip.
 
         Jobs added meanwhile rank after those already read, so paging by rank neither skips
-        nor repeats one (Redis' SSCAN could repeat; deduplicating would cost memory per job).
+        nor repeats one.
         """
         key, start = batch_jobs_key(batch_id), 0
         while True:
@@ -347,94 +415,75 @@ class BatchStore:
     # --- jobs --------------------------------------------------------------------------
 
     def register_jobs(
-        self, batch_id: str, jobs: Iterable[tuple[str, str, dict[str, Any] | None]]
-    ) -> list[bool]:
-        """Register (job_id, ref, error|None) in one round trip; an error makes a failed job."""
-        pipe = self.r.pipeline(transaction=False)
-        t = now()
-        bk, sk = batch_key(batch_id), batch_jobs_key(batch_id)
-        for job_id, ref, error in jobs:
-            state = "failed" if error else "queued"
-            err = json.dumps(error) if error else ""
-            self._register(keys=[bk, sk, job_key(batch_id, job_id)],
-                           args=[job_id, ref, state, t, err], client=pipe)
-        return [bool(x) for x in pipe.execute()]
-
-    def job(self, batch_id: str, job_id: str) -> dict[str, str] | None:
-        raw = self.r.hgetall(job_key(batch_id, job_id))
-        if not raw:
-            return None
-        return {_decode(k): _decode(v) for k, v in raw.items()}
-
-    def claim(self, batch_id: str, job_id: str, max_attempts: int) -> tuple[str, int]:
-        res, n = self._claim(keys=[batch_key(batch_id), job_key(batch_id, job_id)],
-                             args=[now(), int(max_attempts)])
-        return _decode(res), int(n)
-
-    def transition(
         self,
         batch_id: str,
-        job_id: str,
-        to: str,
+        jobs: Iterable[tuple[str, str, dict[str, Any] | None]],
         *,
-        expected: str | None = None,
-        dead_letter: dict[str, Any] | None = None,
-        remember: tuple[str, str, int | None] | None = None,
-        client: Any = None,
-        **fields: Any,
-    ) -> Transition:
-        """Move a job to `to` (one count from its old counter to the new one) and set fields.
+        queue: str = "",
+        chunk_id: str | None = None,
+    ) -> tuple[list[int], Chunk | None]:
+        """Register (job_id, ref, error|None) in one script; an error makes a failed job.
 
-        `dead_letter` pushes an entry to the dead-letter list; `remember=(sink, location, ttl)`
-        notes where the finished record is, for later batches of the same work (same script, so
-        one round trip).
-        """
-        if to not in STATES:
-            raise ValueError(f"unknown state {to!r}")
-        entry = json.dumps({"sink": remember[0], "location": remember[1]}) if remember else ""
-        ttl = str(int(remember[2] or 0)) if remember else "0"
-        args: list[Any] = [to, now(), expected or "", json.dumps(dead_letter) if dead_letter else "",
-                           entry, ttl]
-        for k, v in fields.items():
-            if v is None:
-                continue
-            args += [k, v if isinstance(v, (str, int, float)) else json.dumps(v)]
-        res = self._transition(
-            keys=[batch_key(batch_id), job_key(batch_id, job_id), DEAD_LETTER_KEY,
-                  record_index_key(job_id)],
-            args=args,
-            client=client,
-        )
-        return Transition(_decode(res)) if client is None else Transition("pipelined")
+        Returns a code per job (1 new, 2 known and not final, 3 new and failed, 0 nothing to
+        do) and the chunk to publish, already noted in `unpublished` (see `published`)."""
+        args: list[Any] = [chunk_id or uuid.uuid4().hex, queue]
+        for job_id, ref, error in jobs:
+            args += [job_id, ref, json.dumps(error) if error else ""]
+        res = self._run("register_jobs", batch_id, args, queue=queue)
+        member = _decode(res[0])
+        return [int(x) for x in res[1:]], Chunk.parse(member) if member else None
 
-    def snapshot(
-        self, batch_id: str, job_id: str
-    ) -> tuple[dict[str, str] | None, dict[str, str] | None, dict[str, str] | None]:
-        """(batch, job, record-index entry) in one round trip: what a worker reads per job."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hgetall(batch_key(batch_id))
-        pipe.hgetall(job_key(batch_id, job_id))
-        pipe.get(record_index_key(job_id))
-        batch, job, entry = pipe.execute()
+    def published(self, *members: str, client: Any = None) -> None:
+        """These chunks' messages are on the broker: forget them in `unpublished`."""
+        if members:
+            (client or self.r).zrem(UNPUBLISHED_KEY, *members)
 
-        def dec(h: dict[Any, Any]) -> dict[str, str] | None:
-            return {_decode(k): _decode(v) for k, v in h.items()} if h else None
+    def job(self, batch_id: str, job_id: str) -> dict[str, str] | None:
+        return _job_view(self.r.hget(job_states_key(batch_id), job_id))
 
-        try:
-            known = json.loads(entry) if entry else None
-        except ValueError:
-            known = None
-        return dec(batch), dec(job), known if isinstance(known, dict) else None
+    def jobs_view(self, batch_id: str, job_ids: list[str]) -> list[dict[str, str] | None]:
+        if not job_ids:
+            return []
+        return [_job_view(x) for x in self.r.hmget(job_states_key(batch_id), job_ids)]
+
+    def claim(
+        self, batch_id: str, job_ids: list[str], *, token: str, lease_seconds: float,
+        max_attempts: int, queue: str, quarantine: bool = False,
+    ) -> Claim:
+        deadline = f"{time.time() + lease_seconds:.3f}"
+        res = self._run("claim_chunk", batch_id, [
+            token, deadline, int(max_attempts), "1" if quarantine else "0",
+            quarantine_queue(queue), RECORD_PREFIX, *job_ids,
+        ], queue=queue)
+        res = [_decode(x) for x in res]
+        if res[0] == "missing" and len(res) == 1:
+            return Claim("", "", {j: ("missing", "") for j in job_ids})
+        codes = {j: (res[2 + 2 * i], res[3 + 2 * i]) for i, j in enumerate(job_ids)}
+        return Claim(res[0], res[1], codes)
+
+    def finish(
+        self, batch_id: str, outcomes: list[Outcome], *, token: str, lease: str, max_attempts: int,
+        queue: str, sink: str, retry_in: float = 0.0, record_ttl: int | None = None,
+    ) -> Finish:
+        ttl = self.retention if record_ttl is None else record_ttl
+        args: list[Any] = [token, lease, int(max_attempts), int(ttl or 0), RECORD_PREFIX, queue,
+                           f"{time.time() + retry_in:.3f}", sink]
+        for o in outcomes:
+            args += [o.job_id, o.outcome, o.location or "", json.dumps(o.error) if o.error else ""]
+        res = [_decode(x) for x in self._run("finish_chunk", batch_id, args, queue=queue)]
+        return Finish(res[0], res[1], {o.job_id: c for o, c in zip(outcomes, res[2:], strict=True)})
+
+    def expire_lease(self, lease: str, *, max_attempts: int) -> Chunk | None:
+        """Requeue a dead run's jobs into the quarantine lane (charging a lost lone run)."""
+        d = json.loads(lease)
+        b = d["b"]
+        queue = self.queue_of(b)
+        member = _decode(self._run("expire_lease", b, [
+            d["t"], lease, int(max_attempts), quarantine_queue(queue or "none"), *d["jobs"],
+        ], queue=queue))
+        return Chunk.parse(member) if member else None
 
     # --- records across batches ---------------------------------------------------------
-
-    def remember_record(
-        self, job_id: str, sink: str, location: str, ttl: int | None = None, client: Any = None
-    ) -> None:
-        """Note where job_id's finished record is, for later batches of the same work."""
-        (client or self.r).set(
-            record_index_key(job_id), json.dumps({"sink": sink, "location": location}), ex=ttl
-        )
 
     def known_record(self, job_id: str, sink: str) -> str | None:
         """Where a finished record of this job lives in this sink, if a batch wrote one."""
@@ -446,6 +495,48 @@ class BatchStore:
         except ValueError:
             return None
         return entry.get("location") if entry.get("sink") == sink else None
+
+    # --- retention and purge ------------------------------------------------------------
+
+    def purge(self, batch_id: str, *, result_client: Any = None) -> bool:
+        """Delete every key of a batch and its index entries (and its Redis-sink records)."""
+        from scalecap.sinks import REDIS_PREFIX
+
+        owner = _decode(self.r.hget(OWNERS_KEY, batch_id) or b"") or _decode(
+            self.r.hget(batch_key(batch_id), "owner") or b"")
+        rc = result_client or self.r
+        prefix = f"{REDIS_PREFIX}{batch_id}:"
+        cursor = 0
+        while True:  # the batch's records in the Redis sink
+            cursor, keys = rc.scan(cursor, match=prefix + "*", count=1000)
+            if keys:
+                rc.unlink(*keys)
+            if not cursor:
+                break
+        existed = bool(self.r.unlink(batch_key(batch_id), batch_jobs_key(batch_id),
+                                     job_states_key(batch_id), webhook_attempts_key(batch_id)))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrem(BATCHES_KEY, batch_id)
+        pipe.zrem(FINISHED_KEY, batch_id)
+        pipe.hdel(OWNERS_KEY, batch_id)
+        if owner:
+            pipe.zrem(owner_batches_key(owner), batch_id)
+        removed = pipe.execute()
+        return existed or bool(removed[0])
+
+    def finished_before(self, t: float, limit: int = 1000) -> list[str]:
+        return [_decode(b) for b in self.r.zrangebyscore(FINISHED_KEY, "-inf", t, start=0, num=limit)]
+
+    def forget_expired(self, now_t: float | None = None, limit: int = 1000) -> int:
+        """Index entries of batches whose keys expired with the retention: remove them."""
+        t = (now_t or time.time()) - self.retention
+        gone = 0
+        for b in self.finished_before(t, limit):
+            if self.r.exists(batch_key(b)) and self.r.ttl(batch_key(b)) < 0:
+                continue  # reopened and kept (PERSIST)
+            self.purge(b)
+            gone += 1
+        return gone
 
 
 def counts(batch: dict[str, str]) -> dict[str, int]:
@@ -459,12 +550,23 @@ __all__ = [
     "EVENT_BATCH_COMPLETED",
     "EVENT_JOB_COMPLETED",
     "FINAL_STATES",
+    "FINISHED_KEY",
+    "IO_JOBS_QUEUE",
     "IO_QUEUE",
+    "LEASES_KEY",
+    "OUTBOX_KEY",
     "STATES",
     "TASK_CAPTION",
     "TASK_WEBHOOK",
+    "UNPUBLISHED_KEY",
+    "WEBHOOK_RETRIES_KEY",
+    "BatchMismatch",
     "BatchStore",
+    "Chunk",
+    "Claim",
+    "Finish",
     "JobMessage",
+    "Outcome",
     "Transition",
     "batch_jobs_key",
     "batch_key",
@@ -472,9 +574,11 @@ __all__ = [
     "counts",
     "fleet_job_id",
     "gpu_queue",
-    "job_key",
+    "job_states_key",
     "new_batch_id",
     "owner_batches_key",
+    "quarantine_queue",
+    "queue_queued_key",
     "record_index_key",
     "slug",
     "webhook_attempts_key",

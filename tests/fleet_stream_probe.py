@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     manifest, first_ref, worker_pid = argv[0], argv[1], int(argv[2])
     from producer.client import FleetClient
     from scalecap.config import ImageScaleCaptionGenerateConfig
-    from scalecap.queue_protocol import fleet_job_id, job_key
+    from scalecap.queue_protocol import fleet_job_id
 
     client = FleetClient()
     warm = [f"/warmup/{i}.png" for i in range(2000)]
@@ -36,13 +36,13 @@ def main(argv: list[str]) -> int:
 
     config_hash = ImageScaleCaptionGenerateConfig().config_hash()
     batch_id = "stream-probe"
-    first_key = job_key(batch_id, fleet_job_id(first_ref, config_hash, "scripted"))
+    first_job = fleet_job_id(first_ref, config_hash, "scripted")
     seen: dict[str, float] = {}
 
     def on_progress(rows: int) -> None:
         if "first_done_row" in seen:
             return
-        if client.redis.hget(first_key, "state") == b"done":
+        if (client.store.job(batch_id, first_job) or {}).get("state") == "done":
             seen["first_done_row"] = rows
             seen["first_done_at"] = time.time()
             os.kill(worker_pid, signal.SIGTERM)

@@ -14,10 +14,11 @@ import pytest
 from producer.sources import expand
 from scalecap.errors import ConfigError
 from scalecap.queue_protocol import (
-    DEAD_LETTER_KEY,
     IO_QUEUE,
     BatchStore,
+    Chunk,
     JobMessage,
+    Outcome,
     check_batch_id,
     counts,
     fleet_job_id,
@@ -37,14 +38,27 @@ def test_queue_names():
         check_batch_id("a/b")
 
 
-def test_job_message_is_json_and_versioned():
-    msg = JobMessage(batch_id="b", job_id="j", ref="s3://x/y.jpg")
+def test_job_message_is_a_json_chunk_and_versioned():
+    msg = JobMessage(batch_id="b", jobs=(("j1", "s3://x/y.jpg"), ("j2", "/z.png")))
     data = json.loads(json.dumps(msg.to_json()))
     assert JobMessage.from_json(data) == msg
+    q = JobMessage("b", (("j1", "r"),), quarantine=True)
+    assert JobMessage.from_json(json.loads(json.dumps(q.to_json()))).quarantine
     with pytest.raises(ValueError):
-        JobMessage.from_json({**data, "v": 99})
+        JobMessage.from_json({**data, "v": 1})
     with pytest.raises(ValueError):
-        JobMessage.from_json({"v": 1, "batch_id": "b"})
+        JobMessage.from_json({"v": 2, "batch_id": "b"})
+    with pytest.raises(ValueError):
+        JobMessage.from_json({"v": 2, "batch_id": "b", "jobs": [["only-id"]]})
+
+
+def test_chunks_split_into_messages_of_k_and_quarantine_one_at_a_time():
+    member = json.dumps({"b": "b", "q": "scalecap.gpu.m", "jobs": [[f"j{i}", f"r{i}"] for i in range(5)]})
+    chunk = Chunk.parse(member)
+    assert [len(m.jobs) for m in chunk.messages(2)] == [2, 2, 1]
+    q = Chunk.parse(json.dumps({"b": "b", "q": "scalecap.gpu.m.quarantine",
+                                "jobs": [["a", "1"], ["b", "2"]]}))
+    assert [len(m.jobs) for m in q.messages(16)] == [1, 1] and all(m.quarantine for m in q.messages(16))
 
 
 def test_job_id_is_stable_per_image_config_and_model():
@@ -67,64 +81,17 @@ def _batch(store: BatchStore, bid: str = "b1") -> str:
 
 
 @pytest.mark.services
-def test_register_dedupes_and_counts(redis_url):
-    store = _store(redis_url)
-    b = _batch(store)
-    err = {"stage": "submit", "type": "MalformedLine", "message": "x"}
-    assert store.register_jobs(b, [("j1", "r1", None), ("j2", "r2", None), ("j1", "r1", None),
-                                   ("j3", "line:3", err)]) == [True, True, False, True]
-    c = counts(store.batch(b))
-    assert (c["total"], c["queued"], c["failed"]) == (3, 2, 1)
-    assert json.loads(store.job(b, "j3")["error"]) == err
-
-
-@pytest.mark.services
 def test_job_ids_page_each_job_once_in_arrival_order_even_while_jobs_arrive(redis_url):
     store = _store(redis_url)
     b = _batch(store)
-    store.register_jobs(b, [(f"j{i:04d}", f"r{i}", None) for i in range(250)])
+    store.register_jobs(b, [(f"j{i:04d}", f"r{i}", None) for i in range(250)], queue="q")
     seen = []
     for n, j in enumerate(store.job_ids(b, count=100)):
         seen.append(j)
         if n == 150:  # a late chunk of the submission lands mid-iteration
             store.register_jobs(b, [(f"k{i:03d}", f"s{i}", None) for i in range(30)]
-                                + [("j0001", "r1", None)])
+                                + [("j0001", "r1", None)], queue="q")
     assert seen == [f"j{i:04d}" for i in range(250)] + [f"k{i:03d}" for i in range(30)]
-
-
-@pytest.mark.services
-def test_transitions_move_one_count_and_final_states_stick(redis_url):
-    store = _store(redis_url)
-    b = _batch(store)
-    store.register_jobs(b, [("j1", "r1", None), ("j2", "r2", None)])
-    assert store.claim(b, "j1", 3) == ("run", 1)
-    assert counts(store.batch(b))["running"] == 1
-    assert store.transition(b, "j1", "done", location="redis://x").result == "ok"
-    # A second delivery of a finished job changes nothing.
-    assert store.transition(b, "j1", "failed").result == "final:done"
-    assert store.claim(b, "j1", 3) == ("final:done", 0)
-    # Cancel only what is still queued.
-    assert store.transition(b, "j2", "cancelled", expected="running").result == "skip:queued"
-    c = counts(store.batch(b))
-    assert (c["queued"], c["running"], c["done"], c["cancelled"]) == (1, 0, 1, 0)
-    assert store.transition(b, "missing", "done").result == "missing"
-
-
-@pytest.mark.services
-def test_claim_counts_attempts_and_dead_letters(redis_url):
-    store = _store(redis_url)
-    b = _batch(store)
-    store.register_jobs(b, [("j1", "r1", None)])
-    assert store.claim(b, "j1", 2) == ("run", 1)
-    assert store.claim(b, "j1", 2) == ("run", 2)  # a redelivery after a worker died
-    assert store.claim(b, "j1", 2) == ("exhausted", 3)
-    entry = {"batch_id": b, "job_id": "j1", "attempts": 2}
-    store.close(b)
-    t = store.transition(b, "j1", "failed", dead_letter=entry, error={"type": "WorkerLost"})
-    assert t.completed
-    batch = store.batch(b)
-    assert counts(batch)["dead_lettered"] == 1 and counts(batch)["failed"] == 1
-    assert json.loads(store.r.lindex(DEAD_LETTER_KEY, 0)) == entry
 
 
 @pytest.mark.services
@@ -133,7 +100,7 @@ def test_exactly_one_caller_completes_the_batch(redis_url):
     store = _store(redis_url)
     b = _batch(store)
     n = 200
-    store.register_jobs(b, [(f"j{i}", f"r{i}", None) for i in range(n)])
+    store.register_jobs(b, [(f"j{i}", f"r{i}", None) for i in range(n)], queue="q")
     assert store.close(b).result == "ok"  # closed, not finished
     results: list[str] = []
     lock = threading.Lock()
@@ -141,7 +108,9 @@ def test_exactly_one_caller_completes_the_batch(redis_url):
     def finish(ids: range) -> None:
         s = _store(redis_url)
         for i in ids:
-            r = s.transition(b, f"j{i}", "done" if i % 3 else "failed").result
+            c = s.claim(b, [f"j{i}"], token=f"t{i}", lease_seconds=60, max_attempts=3, queue="q")
+            r = s.finish(b, [Outcome(f"j{i}", "done" if i % 3 else "failed", f"redis://{i}")],
+                         token=f"t{i}", lease=c.lease, max_attempts=3, queue="q", sink="redis").result
             with lock:
                 results.append(r)
 
@@ -162,7 +131,7 @@ def test_close_finishes_an_already_final_batch(redis_url):
     store = _store(redis_url)
     b = _batch(store)
     err = {"stage": "submit", "type": "MalformedLine", "message": "x"}
-    store.register_jobs(b, [("j1", "line:1", err)])
+    store.register_jobs(b, [("j1", "line:1", err)], queue="q")
     assert store.close(b).completed
     assert not store.close(b).completed  # finished_at is set once
     empty = _batch(store, "empty")
@@ -210,63 +179,74 @@ def test_sources_are_lazy(tmp_path: Path):
 
 
 class _Runtime:
-    """Stands in for the engine runtime in workers.jobs: returns a record or fails like an engine."""
+    """Stands in for the engine runtime in workers.jobs: returns records or fails like an engine."""
 
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.calls = 0
 
-    def caption(self, config, ref, job_id):
-        self.calls += 1
-        if self.fail:
-            from scalecap.errors import BackendError
+    def caption_chunk(self, config, items, timeout):
+        out = []
+        for job_id, ref in items:
+            self.calls += 1
+            if self.fail:
+                from scalecap.errors import BackendError
 
-            raise BackendError("engine down")
-        return {"final_caption": f"caption of {ref}", "meta": {"job_id": job_id}}
+                out.append(BackendError("engine down"))
+            else:
+                out.append({"final_caption": f"caption of {ref}", "meta": {"job_id": job_id}})
+        return out
 
 
 @pytest.mark.services
-def test_job_lifecycle_retries_dead_letters_and_reuses_records(redis_url):
+def test_chunk_lifecycle_retries_dead_letters_and_reuses_records(redis_url):
     """workers.jobs against real Redis and the Redis sink, without a Celery worker around it."""
     import redis
 
     from scalecap.settings import Settings
-    from workers.jobs import JobContext, RetryJob, process_caption
+    from workers.jobs import JobContext, process_chunk
 
     r = redis.Redis.from_url(redis_url)
     settings = Settings(broker_url=redis_url, max_attempts=2)
     broken, healthy = _Runtime(fail=True), _Runtime()
-    completed: list[str] = []
-    ctx_broken = JobContext(settings, r, runtime=lambda: broken, on_completed=completed.append)
-    ctx = JobContext(settings, r, runtime=lambda: healthy, on_completed=completed.append)
+    published: list[tuple[Chunk, float]] = []
+    def publish(chunk: Chunk, countdown: float) -> None:
+        published.append((chunk, countdown))
+
+    ctx_broken = JobContext(settings, r, runtime=lambda: broken, publish=publish)
+    ctx = JobContext(settings, r, runtime=lambda: healthy, publish=publish)
     store = ctx.store
     for b in ("b1", "b2"):
         store.create_batch(b, config={}, config_hash="h", model="m", queue="q", sink="redis")
-        store.register_jobs(b, [("j1", "/x/1.png", None)])
+        store.register_jobs(b, [("j1", "/x/1.png", None), ("j2", "/x/2.png", None)], queue="q")
         store.close(b)
+    msg = lambda b: JobMessage(b, (("j1", "/x/1.png"), ("j2", "/x/2.png")))  # noqa: E731
 
-    # An engine failure is retried (state back to queued), then dead-lettered at max_attempts.
-    with pytest.raises(RetryJob):
-        process_caption(ctx_broken, JobMessage("b1", "j1", "/x/1.png"))
+    # An engine failure is charged and queued again (published with a countdown), then
+    # dead-lettered at max_attempts.
+    assert process_chunk(ctx_broken, msg("b1")) == {"retry": 2}
     job = store.job("b1", "j1")
     assert job["state"] == "queued" and job["attempts"] == "1"
     assert json.loads(job["error"])["type"] == "BackendError"
-    assert process_caption(ctx_broken, JobMessage("b1", "j1", "/x/1.png")) == "dead-lettered"
-    assert counts(store.batch("b1"))["dead_lettered"] == 1 and completed == ["b1"]
+    (chunk, countdown), = published
+    assert chunk.jobs == (("j1", "/x/1.png"), ("j2", "/x/2.png")) and countdown > 0
+    assert process_chunk(ctx_broken, chunk.messages(16).__next__()) == {"dead": 2}
+    st = store.batch("b1")
+    assert st["finished_at"] and counts(st)["dead_lettered"] == 2
 
-    # b2: the job runs, its record goes to the sink; a second delivery does nothing.
-    assert process_caption(ctx, JobMessage("b2", "j1", "/x/1.png")) == "done"
-    assert process_caption(ctx, JobMessage("b2", "j1", "/x/1.png")) == "duplicate"
-    assert healthy.calls == 1 and completed == ["b1", "b2"]
-    # A third batch of the same work reuses the record without the engine.
+    # b2: the jobs run, their records go to the sink; a second delivery does nothing.
+    assert process_chunk(ctx, msg("b2")) == {"done": 2}
+    assert process_chunk(ctx, msg("b2")) == {"final": 2}
+    assert healthy.calls == 2
+    # A third batch of the same work reuses the records without the engine, copied into b3.
     store.create_batch("b3", config={}, config_hash="h", model="m", queue="q", sink="redis")
-    store.register_jobs("b3", [("j1", "/x/1.png", None)])
-    assert process_caption(ctx, JobMessage("b3", "j1", "/x/1.png")) == "reused"
-    assert healthy.calls == 1
-    assert store.job("b3", "j1")["location"] == store.job("b2", "j1")["location"]
+    store.register_jobs("b3", [("j1", "/x/1.png", None)], queue="q")
+    assert process_chunk(ctx, JobMessage("b3", (("j1", "/x/1.png"),))) == {"reused": 1, "done": 1}
+    assert healthy.calls == 2
+    assert store.job("b3", "j1")["location"] == "redis://scalecap:result:b3:j1"
     # A cancelled batch runs nothing.
     store.create_batch("b4", config={}, config_hash="h", model="m", queue="q", sink="redis")
-    store.register_jobs("b4", [("j9", "/x/9.png", None)])
+    store.register_jobs("b4", [("j9", "/x/9.png", None)], queue="q")
     store.request_cancel("b4")
-    assert process_caption(ctx, JobMessage("b4", "j9", "/x/9.png")) == "cancelled"
-    assert healthy.calls == 1
+    assert process_chunk(ctx, JobMessage("b4", (("j9", "/x/9.png"),))) == {"cancelled": 1}
+    assert healthy.calls == 2

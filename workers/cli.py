@@ -1,8 +1,10 @@
 """`scalecap worker`: one Celery worker process, pinned to its GPUs, holding one engine.
 
 It pins GPUs first (before anything imports torch or vLLM), creates the engine once in this
-process, then consumes with Celery's thread pool: `--concurrency` threads = images in flight, all
-feeding one engine, which batches across them. No fork happens after the engine exists. SIGTERM
+process, then consumes with Celery's thread pool: each thread holds one task message (a chunk of
+up to SCALECAP_CHUNK_SIZE images), `--concurrency` images in flight in all, all feeding one engine,
+which batches across them. It also consumes its queue's quarantine lane (jobs whose run was lost
+run there alone). No fork happens after the engine exists. SIGTERM
 is Celery's warm shutdown: stop taking jobs, finish the ones in flight, then exit.
 """
 
@@ -12,6 +14,7 @@ import argparse
 import json
 import logging
 import socket
+import threading
 from typing import Any
 
 log = logging.getLogger("scalecap.worker")
@@ -55,6 +58,35 @@ def _backend_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def check_timeouts(settings: Any) -> None:
+    """Refuse to start when a job could outlive its message's visibility timeout.
+
+    Celery's task_reject_on_worker_lost does nothing with the thread pool; what replaces it is
+    the visibility timeout (Redis hands a dead worker's messages to another), the job timeout
+    (an image's coroutine is cancelled, so a hung engine cannot hold its message that long) and
+    the reconciler (it takes back leases that ran out). That only holds if the visibility
+    timeout is at least twice the job timeout."""
+    if settings.job_timeout <= 0:
+        raise SystemExit("SCALECAP_JOB_TIMEOUT must be > 0 seconds")
+    if settings.visibility_timeout < 2 * settings.job_timeout:
+        raise SystemExit(
+            f"SCALECAP_VISIBILITY_TIMEOUT ({settings.visibility_timeout} s) must be at least twice "
+            f"SCALECAP_JOB_TIMEOUT ({settings.job_timeout:g} s), or a slow job runs twice"
+        )
+
+
+def start_maintenance(app: Any, settings: Any, stop: threading.Event) -> threading.Thread:
+    from scalecap.queue_protocol import BatchStore
+    from scalecap.reconcile import run_forever
+    from scalecap.redis_conn import redis_client
+
+    store = BatchStore(redis_client(settings.broker_url, settings), retention=settings.retention)
+    t = threading.Thread(target=run_forever, args=(app, store, settings, stop), name="scalecap-maintenance",
+                         daemon=True)
+    t.start()
+    return t
+
+
 def main(args: argparse.Namespace) -> int:
     from scalecap.settings import Settings
 
@@ -63,6 +95,9 @@ def main(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
     )
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from scalecap.redact import protect_process
+
+    protect_process(settings)  # no password, key or webhook token in this worker's logs
 
     pinned = None
     if not args.io:
@@ -79,12 +114,14 @@ def main(args: argparse.Namespace) -> int:
         metrics.serve(settings.metrics_host, settings.metrics_port)
 
     from scalecap.queue_app import create_app
-    from scalecap.queue_protocol import IO_QUEUE, gpu_queue
+    from scalecap.queue_protocol import IO_JOBS_QUEUE, IO_QUEUE, gpu_queue, quarantine_queue
     from workers.tasks import register_tasks
 
+    if not args.io:
+        check_timeouts(settings)
     runtime = None
     if args.io:
-        queues = [IO_QUEUE]
+        queues = [IO_QUEUE, IO_JOBS_QUEUE]  # two lanes: batch events never wait behind job events
         concurrency = args.concurrency or 8
     else:
         from scalecap.cli_options import engine_options
@@ -97,9 +134,12 @@ def main(args: argparse.Namespace) -> int:
             options.setdefault("tensor_parallel_size", len(pinned))
         settings = settings.with_overrides(backend=backend, model=model)
         queues = [q.strip() for q in (settings.queue or gpu_queue(model)).split(",") if q.strip()]
-        concurrency = settings.concurrency
+        queues += [quarantine_queue(q) for q in queues if quarantine_queue(q) not in queues]
+        # Images in flight = --concurrency: each job thread holds one chunk of up to
+        # SCALECAP_CHUNK_SIZE images, and the engine's chains admit --concurrency at once.
+        concurrency = max(1, -(-settings.concurrency // max(1, settings.chunk_size)))
         runtime = engine.EngineRuntime(
-            backend, model, options, settings=settings, concurrency=concurrency
+            backend, model, options, settings=settings, concurrency=settings.concurrency
         )
         engine.configure(runtime)
         if not args.no_warmup:
@@ -125,9 +165,13 @@ def main(args: argparse.Namespace) -> int:
         without_heartbeat=not settings.task_events,  # worker heartbeats tell Flower who is online
         optimization="fair",
     )
+    stop = threading.Event()
+    if args.io:  # outbox drain, webhook retries, reconcile: one daemon thread beside the pool
+        start_maintenance(app, settings, stop)
     try:
         worker.start()
     finally:
+        stop.set()
         if runtime is not None:
             runtime.close()
     return int(worker.exitcode or 0)

@@ -8,6 +8,7 @@ under a lock; chains (cheap) are cached per config hash and all share that backe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -23,6 +24,10 @@ from scalecap.settings import Settings
 from workers import metrics
 
 log = logging.getLogger(__name__)
+
+class JobTimeout(Exception):
+    """An image ran past SCALECAP_JOB_TIMEOUT; its coroutine was cancelled (retryable)."""
+
 
 RETRYABLE_RECORD_ERRORS = frozenset({"BackendError", "RetryableBackendError"})
 """Error types in a record that mean the engine failed, not the image: worth another delivery."""
@@ -108,6 +113,39 @@ class EngineRuntime:
         from scalecap.shard_refs import attach_source  # a shard member's key and sidecars
 
         return attach_source(record, ref, chain.image_limits)
+
+    def caption_chunk(
+        self, config_json: str | dict[str, Any], items: list[tuple[str, str]], timeout: float | None
+    ) -> list[dict[str, Any] | BaseException]:
+        """Records of a chunk's (job_id, ref) images, run concurrently on the engine's loop.
+
+        Each image's coroutine is cancelled after `timeout` seconds (JobTimeout in its place):
+        a hung image cannot hold its message past the visibility timeout. An exception is
+        returned in the image's place, so one image's failure touches no other."""
+        chain = self.chain(config_json)
+
+        async def one(job_id: str, ref: str) -> dict[str, Any]:
+            coro = chain.caption(ChainItem(source=ref, ref=ref, job_id=job_id))
+            if not timeout:
+                return await coro
+            try:
+                return await asyncio.wait_for(coro, timeout)
+            except TimeoutError as exc:
+                raise JobTimeout(f"the image ran longer than the job timeout ({timeout:g} s)") from exc
+
+        async def run() -> list[Any]:
+            return await asyncio.gather(*(one(j, r) for j, r in items), return_exceptions=True)
+
+        from scalecap.shard_refs import attach_source  # a shard member's key and sidecars
+
+        out: list[dict[str, Any] | BaseException] = []
+        for (_, ref), record in zip(items, self.loop.run(run()), strict=True):
+            if isinstance(record, BaseException):
+                out.append(record)
+                continue
+            metrics.observe_record(record)  # stage seconds, tokens, error type
+            out.append(attach_source(record, ref, chain.image_limits))
+        return out
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,67 @@
+"""Named failpoints for the fault-injection tests: `SCALECAP_FAILPOINT=name:action[,name:action]`.
+
+Ignored unless the variable is set (one dictionary lookup per point otherwise). Actions:
+  exit       the process dies at once (os._exit(137)), as a `kill -9` there would leave it;
+  raise      a FailpointError is raised at the point;
+  sleep=N    the point waits N seconds (a hang).
+Points (where they sit): `after_claim` (a worker claimed a chunk, nothing run), `after_sink_write`
+(records written, the finish script not run), `after_finish` (state final, before anything
+else, e.g. before the I/O worker drains the outbox), `submit_after_register` (the producer
+registered a chunk of jobs but has not published it), `before_publish_retry` (a worker is about
+to publish a chunk queued again).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+log = logging.getLogger(__name__)
+
+ENV = "SCALECAP_FAILPOINT"
+POINTS = ("after_claim", "after_sink_write", "after_finish", "submit_after_register",
+          "before_publish_retry")
+
+
+class FailpointError(RuntimeError):
+    """Raised by a failpoint whose action is `raise`."""
+
+
+def _parse(raw: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in raw.split(","):
+        name, _, action = part.strip().partition(":")
+        if not name:
+            continue
+        if name not in POINTS:
+            raise ValueError(f"{ENV}: unknown failpoint {name!r} (known: {', '.join(POINTS)})")
+        out[name] = action or "exit"
+    return out
+
+
+_cache: tuple[str, dict[str, str]] | None = None
+
+
+def active() -> dict[str, str]:
+    global _cache
+    raw = os.environ.get(ENV, "")
+    if _cache is None or _cache[0] != raw:
+        _cache = (raw, _parse(raw) if raw else {})
+    return _cache[1]
+
+
+def hit(name: str) -> None:
+    """Run the action configured for `name`, if any."""
+    action = active().get(name)
+    if action is None:
+        return
+    log.warning("failpoint %s: %s", name, action)
+    if action == "exit":
+        os._exit(137)
+    if action == "raise":
+        raise FailpointError(f"failpoint {name}")
+    if action.startswith("sleep="):
+        time.sleep(float(action.split("=", 1)[1]))
+        return
+    raise ValueError(f"{ENV}: unknown action {action!r} for {name}")

@@ -1,0 +1,36 @@
+-- A lease ran out (its worker died or hung): requeue its jobs that still hold its token into
+-- the quarantine lane. A job that was already running alone there is charged the lost attempt
+-- (and dead-lettered at max attempts). ARGV[4] token, [5] lease member, [6] max attempts,
+-- [7] quarantine queue, then job ids. Returns the quarantine member ('' if none).
+local token, max_attempts = ARGV[4], tonumber(ARGV[6])
+local webhook_jobs = redis.call('HGET', KEYS[1], 'webhook_jobs') == '1'
+local lost, ended = {}, false
+for i = 8, #ARGV do
+  local j = ARGV[i]
+  local job = load_job(j)
+  if job and job.s == 'running' and job.t == token then
+    job.t = nil; job.d = nil
+    if job.q == 1 then job.a = (job.a or 0) + 1 end
+    if job.a >= max_attempts then
+      move('running', 'failed')
+      dead_letter(j, job, {stage = 'queue', type = 'WorkerLost',
+        message = 'the worker was lost ' .. job.a .. ' time(s) while running this job alone'},
+        webhook_jobs)
+      ended = true
+    else
+      job.q = 1; job.s = 'queued'
+      save_job(j, job)
+      move('running', 'queued'); move(nil, '_queue')
+      lost[#lost + 1] = {j, job.r}
+    end
+  end
+end
+apply_moves()
+redis.call('ZREM', KEYS[8], ARGV[5])
+local member = ''
+if #lost > 0 then
+  member = cjson.encode({c = token .. ':x', b = B, q = ARGV[7], jobs = lost})
+  redis.call('ZADD', KEYS[9], ARGV[2], member)
+end
+if ended then try_finish() end
+return member

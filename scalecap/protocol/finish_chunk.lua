@@ -1,0 +1,64 @@
+-- Apply a chunk's outcomes, only where the job still holds this run's token; drop the lease.
+-- ARGV[4] token, [5] lease member, [6] max attempts, [7] record index TTL (0: none),
+-- [8] record index key prefix, [9] the queue for retries, [10] when retries are due,
+-- [11] sink, then per job 4: job id, outcome, location, error JSON. Outcomes:
+--   done / failed: final, with the record's location (and error);
+--   retry: a failure of this job: one attempt charged, dead-lettered at max attempts;
+--   requeue: not the job's fault (a sink outage): queued again, not charged.
+-- Returns {'completed' | 'ok', retry member or '', per job: ok | stale | dead}.
+local token, max_attempts, ttl = ARGV[4], tonumber(ARGV[6]), tonumber(ARGV[7])
+local webhook_jobs = redis.call('HGET', KEYS[1], 'webhook_jobs') == '1'
+local out, again = {}, {}
+local stale, ended = 0, false
+for i = 12, #ARGV, 4 do
+  local j, outcome, loc, err = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local job = load_job(j)
+  local code = 'ok'
+  if not job or job.s ~= 'running' or job.t ~= token then
+    code = 'stale'; stale = stale + 1
+  else
+    job.t = nil; job.d = nil; job.q = nil
+    local e = nil
+    if err ~= '' then e = cjson.decode(err) end
+    if outcome == 'done' or outcome == 'failed' then
+      job.s = outcome; job.e = e
+      if loc ~= '' then job.l = loc end
+      save_job(j, job)
+      move('running', outcome)
+      if outcome == 'done' and loc ~= '' then
+        local entry = cjson.encode({sink = ARGV[11], location = loc})
+        if ttl > 0 then redis.call('SET', ARGV[8] .. j, entry, 'EX', ttl)
+        else redis.call('SET', ARGV[8] .. j, entry) end
+      end
+      if webhook_jobs then push_event('job.completed', j) end
+      ended = true
+    else
+      if outcome == 'retry' then job.a = (job.a or 0) + 1 end
+      job.e = e
+      if job.a >= max_attempts or (job.n or 0) >= 5 * max_attempts then
+        move('running', 'failed')
+        dead_letter(j, job, e, webhook_jobs)
+        code, ended = 'dead', true
+      else
+        job.s = 'queued'
+        save_job(j, job)
+        move('running', 'queued'); move(nil, '_queue')
+        again[#again + 1] = {j, job.r}
+      end
+    end
+  end
+  out[#out + 1] = code
+end
+if stale > 0 then move(nil, 'stale_results', stale) end
+apply_moves()
+redis.call('ZREM', KEYS[8], ARGV[5])
+local rmember = ''
+if #again > 0 then
+  rmember = cjson.encode({c = token .. ':r', b = B, q = ARGV[9], jobs = again})
+  redis.call('ZADD', KEYS[9], ARGV[10], rmember)
+end
+local result = 'ok'
+if ended and try_finish() then result = 'completed' end
+table.insert(out, 1, rmember)
+table.insert(out, 1, result)
+return out

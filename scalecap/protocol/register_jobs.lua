@@ -1,0 +1,42 @@
+-- Register a chunk of jobs and note it as not yet published, in one step.
+-- ARGV[4] chunk id, ARGV[5] queue, then triples (job id, ref, error JSON or '').
+-- Returns {unpublished member or '', code per job}: 1 new (publish), 2 known and not final
+-- (publish again: its message may be lost), 3 new but failed (a bad row), 0 nothing to do
+-- (final already, or repeated within this call).
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local codes, pub, seen = {}, {}, {}
+local new_q, new_f = 0, 0
+for i = 6, #ARGV, 3 do
+  local j, ref, err = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local code = 0
+  if not seen[j] then
+    seen[j] = true
+    local job = {s = 'queued', r = ref, a = 0, n = 0, u = ARGV[2]}
+    if err ~= '' then job.s = 'failed'; job.e = cjson.decode(err) end
+    if redis.call('HSETNX', KEYS[3], j, cjson.encode(job)) == 1 then
+      redis.call('ZADD', KEYS[2], seq, j)
+      seq = seq + 1
+      if err ~= '' then new_f = new_f + 1; code = 3
+      else new_q = new_q + 1; code = 1; pub[#pub + 1] = {j, ref} end
+    elseif err == '' then
+      local old = load_job(j)
+      if not is_final(old.s) then code = 2; pub[#pub + 1] = {j, old.r} end
+    end
+  end
+  codes[#codes + 1] = code
+end
+if new_q + new_f > 0 then
+  redis.call('HSET', KEYS[1], 'seq', seq)
+  move(nil, 'total', new_q + new_f)
+  move(nil, 'queued', new_q)
+  move(nil, 'failed', new_f)
+  move(nil, '_queue', new_q)
+  apply_moves()
+end
+local member = ''
+if #pub > 0 then
+  member = cjson.encode({c = ARGV[4], b = B, q = ARGV[5], jobs = pub})
+  redis.call('ZADD', KEYS[9], ARGV[2], member)
+end
+table.insert(codes, 1, member)
+return codes

@@ -1,0 +1,156 @@
+"""The repair side of the queue protocol: publish what is noted unpublished, take back expired
+leases, drain the outbox into the webhook lanes, and forget batches past their retention.
+
+Run periodically by the I/O worker (`scalecap worker --io`) and once by `scalecap reconcile`.
+Everything here is idempotent and at-least-once: a chunk published twice is harmless (workers
+skip final and busy jobs), an event sent twice keeps its webhook-id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from scalecap.queue_protocol import (
+    EVENT_JOB_COMPLETED,
+    IO_JOBS_QUEUE,
+    IO_QUEUE,
+    LEASES_KEY,
+    OUTBOX_KEY,
+    PREFIX,
+    TASK_CAPTION,
+    TASK_WEBHOOK,
+    UNPUBLISHED_KEY,
+    WEBHOOK_RETRIES_KEY,
+    BatchStore,
+    Chunk,
+)
+from scalecap.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DRAIN_LOCK = PREFIX + "lock:drain"
+RECONCILE_LOCK = PREFIX + "lock:reconcile"
+
+
+def publish_chunk(app: Any, chunk: Chunk, k: int, countdown: float = 0.0) -> int:
+    """Send a chunk as task messages of at most k images; returns the number of messages."""
+    n = 0
+    for msg in chunk.messages(k):
+        app.send_task(TASK_CAPTION, args=[msg.to_json()], queue=chunk.queue,
+                      countdown=countdown or None)
+        n += 1
+    return n
+
+
+def event_lane(event: dict[str, Any]) -> str:
+    """Batch events and per-job events have their own lanes: a batch event never waits behind
+    thousands of job events."""
+    return IO_JOBS_QUEUE if event.get("type") == EVENT_JOB_COMPLETED else IO_QUEUE
+
+
+@dataclass
+class Report:
+    published_chunks: int = 0
+    expired_leases: int = 0
+    events: int = 0
+    retries_due: int = 0
+    forgotten_batches: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class Reconciler:
+    """One fleet's repair loop; `app` is a Celery app used only to send tasks by name."""
+
+    def __init__(self, app: Any, store: BatchStore, settings: Settings) -> None:
+        self.app = app
+        self.store = store
+        self.r = store.r
+        self.settings = settings
+        self._me = uuid.uuid4().hex
+
+    def _lock(self, key: str, seconds: float) -> bool:
+        return bool(self.r.set(key, self._me, nx=True, px=int(seconds * 1000)))
+
+    def _unlock(self, key: str) -> None:
+        if self.r.get(key) == self._me.encode():
+            self.r.delete(key)
+
+    # --- events -------------------------------------------------------------------------
+
+    def drain(self, limit: int = 500) -> Report:
+        """Outbox events and webhook retries that are due become webhook tasks in their lane."""
+        rep = Report()
+        if not self._lock(DRAIN_LOCK, 30):
+            return rep
+        try:
+            items = self.r.lrange(OUTBOX_KEY, 0, limit - 1)
+            for raw in items:
+                event = json.loads(raw)
+                self.app.send_task(TASK_WEBHOOK, args=[event], queue=event_lane(event))
+            if items:
+                self.r.ltrim(OUTBOX_KEY, len(items), -1)  # only what was sent; new ones stay
+            rep.events = len(items)
+            due = self.r.zrangebyscore(WEBHOOK_RETRIES_KEY, "-inf", time.time(), start=0, num=limit)
+            for raw in due:
+                event = json.loads(raw)
+                self.app.send_task(TASK_WEBHOOK, args=[event], queue=event_lane(event))
+                self.r.zrem(WEBHOOK_RETRIES_KEY, raw)
+            rep.retries_due = len(due)
+        finally:
+            self._unlock(DRAIN_LOCK)
+        return rep
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    def reconcile(self, grace: float | None = None, limit: int = 1000) -> Report:
+        """Take back expired leases, publish chunks noted unpublished for longer than `grace`
+        seconds (their producer or worker died before publishing), forget expired batches."""
+        s = self.settings
+        grace = max(5.0, 2 * s.reconcile_interval) if grace is None else grace
+        rep = Report()
+        if not self._lock(RECONCILE_LOCK, 120):
+            return rep
+        try:
+            now = time.time()
+            for lease in self.r.zrangebyscore(LEASES_KEY, "-inf", now, start=0, num=limit):
+                lease = lease.decode() if isinstance(lease, bytes) else lease
+                chunk = self.store.expire_lease(lease, max_attempts=s.max_attempts)
+                rep.expired_leases += 1
+                if chunk is not None:
+                    publish_chunk(self.app, chunk, s.chunk_size)
+                    self.store.published(chunk.member)
+            for member in self.r.zrangebyscore(UNPUBLISHED_KEY, "-inf", now - grace, start=0, num=limit):
+                chunk = Chunk.parse(member)
+                publish_chunk(self.app, chunk, s.chunk_size)
+                self.store.published(chunk.member)
+                rep.published_chunks += 1
+            rep.forgotten_batches = self.store.forget_expired(now, limit)
+        finally:
+            self._unlock(RECONCILE_LOCK)
+        if rep.expired_leases or rep.published_chunks:
+            log.info("reconcile: %s", rep.to_dict())
+        return rep
+
+
+def run_forever(app: Any, store: BatchStore, settings: Settings, stop: Any, tick: float = 0.5) -> None:
+    """The I/O worker's maintenance loop (a daemon thread): drain every tick, reconcile every
+    `settings.reconcile_interval` seconds. Redis errors are logged and retried next tick."""
+    rec = Reconciler(app, store, settings)
+    next_reconcile = 0.0
+    while not stop.is_set():
+        try:
+            rec.drain()
+            if time.monotonic() >= next_reconcile:
+                rec.reconcile()
+                next_reconcile = time.monotonic() + settings.reconcile_interval
+        except Exception as exc:  # Redis restarting, broker down: try again next tick
+            log.warning("maintenance: %s: %s", type(exc).__name__, exc)
+            stop.wait(2.0)
+        stop.wait(tick)
