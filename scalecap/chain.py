@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from scalecap import prompts
+from scalecap.backends.base import score_values
 from scalecap.config import ImageScaleCaptionGenerateConfig
-from scalecap.errors import StageError
+from scalecap.errors import ConfigError, StageError
 from scalecap.images import ImageLimits, load_image
 from scalecap.record import base_meta, error_record, job_id, success_record
 from scalecap.stages import answers, caption, fusion, golden, questions, second_filter
@@ -39,6 +40,27 @@ class ChainItem:
     source: ImageSource
     ref: str
     job_id: str | None = None
+
+
+def check_backend(vlm: Backend, config: ImageScaleCaptionGenerateConfig) -> None:
+    """Refuse a backend that cannot give what the config's rating needs, before any image runs."""
+    if config.sentence_filter != "contrastive":
+        return
+    name = type(vlm).__name__
+    if not getattr(vlm, "supports_scoring", False):
+        raise ConfigError(f"backend {name} cannot score tokens; use sentence_filter='yesno'")
+    values = score_values(vlm)
+    if config.score_mode == "logit_diff" and values != "logits":
+        raise ConfigError(
+            f"score_mode 'logit_diff' needs raw logits, but backend {name} returns logprobs: start vLLM "
+            "with logprobs_mode='raw_logits' (transformers: raw_logits=True), or use score_mode "
+            "'log_ratio', its normalised form"
+        )
+    if config.score_mode != "logit_diff" and values == "logits":
+        raise ConfigError(
+            f"backend {name} returns raw logits (logprobs_mode='raw_logits'); score_mode "
+            f"{config.score_mode!r} needs logprobs: use score_mode 'logit_diff'"
+        )
 
 
 class ScaleCapChain:
@@ -65,12 +87,7 @@ class ScaleCapChain:
             min_pixels=self.config.min_pixels, max_pixels=self.config.max_pixels
         )
         self.config_hash = self.config.config_hash()
-        if self.config.sentence_filter == "contrastive" and not getattr(vlm, "supports_scoring", False):
-            from scalecap.errors import ConfigError
-
-            raise ConfigError(
-                f"backend {type(vlm).__name__} cannot score tokens; use sentence_filter='yesno'"
-            )
+        check_backend(vlm, self.config)
 
     def job_id_for(self, ref: str) -> str:
         return job_id(ref, self.config_hash)
@@ -91,6 +108,7 @@ class ScaleCapChain:
             vlm=self.vlm,
             llm=self.llm,
             system=self.config.system_prompt or prompts.DEFAULT_SYSTEM,
+            text_system=self.config.text_system_prompt or prompts.TEXT_SYSTEM,
             image_ref=ref,
         )
         try:

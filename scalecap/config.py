@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from scalecap.errors import ConfigError
+from scalecap.rating import DEFAULT_THRESHOLD, FILTER_UNITS, SCORE_MODES, FilterUnit, ScoreMode
 
 SentenceFilter = Literal["contrastive", "yesno"]
+AnswerFallback = Literal["keep_all", "drop"]
+GoldenFallback = Literal["caption", "best", "error"]
 
 # Fields that change what the chain writes; their values make the config hash (and so job ids).
 # Addresses and keys of a separate language model are left out on purpose: the same model behind a
@@ -25,26 +29,43 @@ LEGACY_FIELDS = ("input_jsonl_path", "output_jsonl_path")
 class ImageScaleCaptionGenerateConfig:
     """Every knob of the ScaleCap chain (DESIGN.md "The chain").
 
-    Token limits count model tokens. Thresholds are probabilities in [0, 1] (contrastive mode
-    compares p(token | image) - p(token | no image)).
+    Token limits count model tokens. Thresholds are in the unit of `score_mode` (docs/chain.md):
+    nats for log_ratio, logits for logit_diff, probability for prob_diff.
     """
 
-    tau_sentence: float = 0.15
-    """A sentence is golden when its largest content-token delta exceeds this."""
+    tau_sentence: float | None = None
+    """A unit is kept when its largest content-token difference exceeds this; None: the mode's
+    default (0 for log_ratio and logit_diff, 0.15 for prob_diff)."""
+    score_mode: ScoreMode = "log_ratio"
+    """log_ratio (log p(img) - log p(no img)), logit_diff (raw logits; the engine must return
+    logits) or prob_diff (p(img) - p(no img))."""
+    filter_unit: FilterUnit = "clause"
+    """clause: comma clauses are rated and pruned inside a sentence (the authors' rule);
+    sentence: whole sentences are kept or dropped."""
+    golden_fallback: GoldenFallback = "caption"
+    """When no sentence passes: keep the whole caption as the one golden sentence (the authors'
+    rule), keep the best-scoring sentence, or fail the image."""
     max_questions: int = 20
     """Cap on object questions (each also gets a position twin)."""
     max_init_tokens: int = 1024
-    max_answer_tokens: int = 256
+    max_answer_tokens: int = 512
     second_filter: bool = False
-    """Rate the answers as the sentences are rated and drop unsupported ones."""
+    """Rate each answer's sentences, conditioned on its question, and keep the passing ones."""
     tau_answer: float | None = None
-    """Threshold of the second filter; None means tau_sentence."""
+    """Threshold of the second filter; None means the sentence threshold."""
+    answer_fallback: AnswerFallback = "keep_all"
+    """When none of an answer's sentences passes: keep the whole answer (the authors' rule) or
+    drop it."""
     sentence_filter: SentenceFilter = "contrastive"
-    max_question_tokens: int = 256
-    """Limit of the call that lists the objects of the golden sentences."""
-    max_object_summary_tokens: int = 512
-    max_position_summary_tokens: int = 512
-    max_final_tokens: int = 1024
+    one_pass_scoring: bool = True
+    """Take the with-image scores from the generation itself (greedy decoding, a backend with
+    generation logprobs) and teacher-force only without the image; otherwise score twice."""
+    max_question_tokens: int = 512
+    """Limit of each call that turns a golden sentence into object instructions."""
+    max_object_summary_tokens: int = 4096
+    max_position_summary_tokens: int = 4096
+    max_final_tokens: int = 4096
+    """Fusion budgets; each is lowered to what the model's context leaves after the prompt."""
     temperature: float = 0.0
     """0 means greedy decoding (the default)."""
     top_p: float = 1.0
@@ -54,7 +75,9 @@ class ImageScaleCaptionGenerateConfig:
     max_pixels: int = 1003520
     """Images larger than this are downscaled before they reach the model (1280 * 28 * 28)."""
     system_prompt: str | None = None
-    """Replaces the default system prompt of every VLM call."""
+    """Replaces the default system prompt of every call with the image (and of scoring)."""
+    text_system_prompt: str | None = None
+    """Replaces the default system prompt of the text-only calls (questions, fusion)."""
     llm_base_url: str | None = None
     """OpenAI-compatible address of a separate language model for questions and fusion."""
     llm_model: str | None = None
@@ -84,10 +107,26 @@ class ImageScaleCaptionGenerateConfig:
             raise ConfigError(
                 f"sentence_filter must be 'contrastive' or 'yesno', not {self.sentence_filter!r}"
             )
-        for name in ("tau_sentence",) + (("tau_answer",) if self.tau_answer is not None else ()):
+        for name, allowed in (
+            ("score_mode", SCORE_MODES),
+            ("filter_unit", FILTER_UNITS),
+            ("answer_fallback", ("keep_all", "drop")),
+            ("golden_fallback", ("caption", "best", "error")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        for name in ("tau_sentence", "tau_answer"):
             value = getattr(self, name)
-            if not -1.0 <= float(value) <= 1.0:
-                raise ConfigError(f"{name} must lie in [-1, 1], got {value}")
+            if value is None:
+                continue
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be finite, got {value}")
+            if self.score_mode == "prob_diff" and not -1.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must lie in [-1, 1] with score_mode prob_diff, got {value}")
         for name in (
             "max_questions",
             "max_init_tokens",
@@ -110,8 +149,13 @@ class ImageScaleCaptionGenerateConfig:
             raise ConfigError("top_p must lie in (0, 1]")
 
     @property
+    def sentence_threshold(self) -> float:
+        """tau_sentence, or the score mode's default when it is unset."""
+        return DEFAULT_THRESHOLD[self.score_mode] if self.tau_sentence is None else float(self.tau_sentence)
+
+    @property
     def answer_threshold(self) -> float:
-        return self.tau_sentence if self.tau_answer is None else self.tau_answer
+        return self.sentence_threshold if self.tau_answer is None else float(self.tau_answer)
 
     # --- (de)serialisation ---------------------------------------------------------------
 

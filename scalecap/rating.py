@@ -1,9 +1,17 @@
-"""Sentence rating: is a sentence supported by the image, or by language habit alone?
+"""Rating text: is each unit supported by the image, or by language habit alone?
 
-Contrastive (dual-modality debiasing): teacher-force the text twice under the same prompt, with
-and without the image. For each content token, delta = p(token | image) - p(token | no image).
-A sentence's score is its largest delta: one token that only the image explains is evidence that
-the image, not habit, made the model say it.
+Contrastive (dual-modality debiasing): score the same tokens twice under the same prompt, with
+and without the image, and compare per token (`score_mode`):
+
+- `log_ratio`: log p(token | image) - log p(token | no image);
+- `logit_diff`: raw logit with the image - raw logit without it (the ScaleCap authors' rule; the
+  engine must return raw logits instead of logprobs);
+- `prob_diff`: p(token | image) - p(token | no image).
+
+A unit's score is its largest difference over its content tokens: one token that only the image
+explains is evidence that the image, not habit, made the model say it. Units are sentences or
+comma clauses (`filter_unit`). In clause mode a sentence is kept when any clause passes, with its
+failing clauses pruned.
 
 Yes/no: ask the VLM whether the sentence is correct for the image; score = P(yes) - P(no) read
 from the first generated token's top logprobs (or 1/-1/0 from the text when no logprobs exist).
@@ -13,33 +21,59 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 from scalecap.backends.base import GenerateResult, ScoreResult, TokenScore
-from scalecap.sentences import is_content_token
+from scalecap.sentences import (
+    Span,
+    clause_spans,
+    clean,
+    drop_unterminated_tail,
+    is_content_token,
+    split_spans,
+    terminal,
+)
 
-NO_CONTENT = -1.0
-"""Score of a span without any content token: never golden on its own."""
+ScoreMode = Literal["log_ratio", "logit_diff", "prob_diff"]
+FilterUnit = Literal["sentence", "clause"]
+SCORE_MODES: tuple[str, ...] = ("log_ratio", "logit_diff", "prob_diff")
+FILTER_UNITS: tuple[str, ...] = ("sentence", "clause")
+
+DEFAULT_THRESHOLD: dict[str, float] = {"log_ratio": 0.0, "logit_diff": 0.0, "prob_diff": 0.15}
+"""Threshold of each mode when the config leaves it unset. 0 in the log modes is the authors'
+rule (any token more likely with the image); 0.15 is the earlier probability rule's value."""
+
+NO_CONTENT = -10000.0
+"""Score of a unit without any content token (below any real score): never kept on its own."""
 
 
-def token_deltas(with_image: ScoreResult, without_image: ScoreResult) -> list[tuple[TokenScore, float]]:
-    """Pair the two teacher-forced passes token by token and return p_img - p_txt per token.
+def token_deltas(
+    with_image: ScoreResult | Sequence[TokenScore],
+    without_image: ScoreResult | Sequence[TokenScore],
+    mode: ScoreMode,
+) -> list[tuple[TokenScore, float]]:
+    """Pair the two passes token by token and return each token's difference under `mode`.
 
-    Both passes score the same continuation text, so their token lists match; if an engine
-    tokenised the boundary differently, they are aligned from the end (the continuation's last
-    tokens are the same in both).
+    Both passes score the same continuation, so their token lists match; if an engine tokenised
+    the boundary differently, they are aligned from the end (the continuation's last tokens are
+    the same in both). The first pass's tokens carry the character offsets.
     """
-    a, b = with_image.tokens, without_image.tokens
+    a = with_image.tokens if isinstance(with_image, ScoreResult) else list(with_image)
+    b = without_image.tokens if isinstance(without_image, ScoreResult) else list(without_image)
     n = min(len(a), len(b))
     a, b = a[len(a) - n :], b[len(b) - n :]
-    return [(ta, math.exp(ta.logprob) - math.exp(tb.logprob)) for ta, tb in zip(a, b, strict=True)]
+    if mode == "prob_diff":
+        return [(ta, math.exp(ta.logprob) - math.exp(tb.logprob)) for ta, tb in zip(a, b, strict=True)]
+    return [(ta, ta.logprob - tb.logprob) for ta, tb in zip(a, b, strict=True)]
 
 
 def span_scores(
     text: str,
-    spans: Sequence[tuple[int, int]],
+    spans: Sequence[Span],
     deltas: Sequence[tuple[TokenScore, float]],
 ) -> list[float]:
-    """Largest content-token delta inside each character span of `text`."""
+    """Largest content-token delta inside each character span of `text` (NO_CONTENT if none)."""
     scores = [NO_CONTENT] * len(spans)
     for tok, delta in deltas:
         if not is_content_token(text, tok.start, tok.end):
@@ -54,11 +88,71 @@ def span_scores(
 
 def contrastive_scores(
     text: str,
-    spans: Sequence[tuple[int, int]],
+    spans: Sequence[Span],
     with_image: ScoreResult,
     without_image: ScoreResult,
+    *,
+    mode: ScoreMode = "log_ratio",
 ) -> list[float]:
-    return span_scores(text, spans, token_deltas(with_image, without_image))
+    return span_scores(text, spans, token_deltas(with_image, without_image, mode))
+
+
+@dataclass
+class RatedSentence:
+    """One sentence of a rated text and what the filter made of it."""
+
+    text: str
+    """The whole sentence, cleaned of markdown emphasis."""
+    score: float
+    """Its best unit score: the sentence's score in sentence mode, its best clause's in clause mode."""
+    kept: str | None
+    """What survives: the sentence, or in clause mode the sentence with failing clauses pruned;
+    None when no unit passed."""
+    unit_scores: list[float] = field(default_factory=list)
+    """One score per unit (one entry in sentence mode, one per clause in clause mode)."""
+
+
+def units_of(text: str, *, truncated: bool = False) -> list[Span]:
+    """The sentence spans a filter rates; a cut-off last sentence of a truncated text is left out."""
+    spans = split_spans(text)
+    return drop_unterminated_tail(text, spans) if truncated else spans
+
+
+def select(
+    text: str,
+    sentence_spans: Sequence[Span],
+    deltas: Sequence[tuple[TokenScore, float]],
+    *,
+    unit: FilterUnit,
+    threshold: float,
+) -> list[RatedSentence]:
+    """Score every unit of every sentence and keep those above `threshold` (strictly)."""
+    per_sentence = [
+        clause_spans(text, span) if unit == "clause" else [span] for span in sentence_spans
+    ]
+    flat = [u for units in per_sentence for u in units]
+    flat_scores = iter(span_scores(text, flat, deltas))
+    rated = []
+    for span, units in zip(sentence_spans, per_sentence, strict=True):
+        scores = [next(flat_scores) for _ in units]
+        passing = [u for u, s in zip(units, scores, strict=True) if s != NO_CONTENT and s > threshold]
+        kept = None
+        if passing:
+            if len(passing) == len(units):
+                kept = clean(text[span[0] : span[1]])
+            else:
+                kept = _pruned(text, span, passing)
+        rated.append(RatedSentence(clean(text[span[0] : span[1]]), max(scores), kept, scores))
+    return rated
+
+
+def _pruned(text: str, span: Span, passing: Sequence[Span]) -> str:
+    """The passing clauses of a sentence joined again, ending with the sentence's punctuation."""
+    body = ", ".join(clean(text[s:e]).rstrip(",;") for s, e in passing)
+    end = terminal(text, span)
+    if end and not body.endswith(end):
+        body = body.rstrip(".!?\u2026 ") + end
+    return body
 
 
 _YES = {"yes", "y", "true", "correct"}

@@ -38,21 +38,23 @@ def base_meta(*, job: str | None, model: str, llm_model: str | None, config_hash
 def success_record(ctx: ImageContext, meta: dict[str, Any]) -> dict[str, Any]:
     questions = ctx.object_questions + ctx.position_questions
     answers = ctx.object_answers + ctx.position_answers
+    rated = ctx.config.second_filter
     qa_pairs = [
         {
             "question": q,
             "answer": a,
             "kept": ctx.answer_kept[i],
+            **({"kept_text": ctx.answer_texts[i]} if rated and ctx.answer_kept[i] else {}),
             **({"score": ctx.answer_scores[i]} if ctx.answer_scores[i] is not None else {}),
         }
         for i, (q, a) in enumerate(zip(questions, answers, strict=True))
     ]
-    return {
+    record = {
         "init_caption": ctx.init_caption,
         "golden_sentences": list(ctx.golden_sentences),
         "object_questions": list(ctx.object_questions),
         "position_questions": list(ctx.position_questions),
-        "qa_answers_filtered": [p["answer"] for p in qa_pairs if p["kept"]],
+        "qa_answers_filtered": [ctx.answer_texts[i] for i, p in enumerate(qa_pairs) if p["kept"]],
         "final_caption": ctx.final_caption,
         "sentence_scores": list(ctx.sentence_scores),
         "sentences": list(ctx.sentences),
@@ -61,11 +63,28 @@ def success_record(ctx: ImageContext, meta: dict[str, Any]) -> dict[str, Any]:
         "position_summary": ctx.position_summary,
         "meta": {
             **meta,
-            "sentence_filter": ctx.config.sentence_filter,
+            **_scoring_meta(ctx),
             "stage_seconds": dict(ctx.stage_seconds),
             "tokens": {"prompt": ctx.prompt_tokens, "completion": ctx.completion_tokens},
+            "truncated": list(ctx.truncated),
             **ctx.notes,
         },
+    }
+    if ctx.unit_scores:
+        record["clause_scores"] = [list(u) for u in ctx.unit_scores]
+    return record
+
+
+def _scoring_meta(ctx: ImageContext) -> dict[str, Any]:
+    c = ctx.config
+    if c.sentence_filter == "yesno":
+        return {"sentence_filter": "yesno"}
+    return {
+        "sentence_filter": "contrastive",
+        "score_mode": c.score_mode,
+        "filter_unit": c.filter_unit,
+        "threshold": c.sentence_threshold,
+        "scoring_passes": 1 if ctx.one_pass else 2,
     }
 
 
@@ -77,6 +96,7 @@ def error_record(
     if ctx is not None:
         m["stage_seconds"] = dict(ctx.stage_seconds)
         m["tokens"] = {"prompt": ctx.prompt_tokens, "completion": ctx.completion_tokens}
+        m["truncated"] = list(ctx.truncated)
     return {"error": error, "meta": m}
 
 

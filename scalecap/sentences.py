@@ -1,17 +1,32 @@
-"""Splitting captions into sentences and deciding which tokens carry content.
+"""Splitting captions into sentences and clauses, and deciding which tokens carry content.
 
-Contrastive rating looks only at content tokens: function words and punctuation are predicted by
-language habit whether or not the model sees the image, so they would only add noise.
+Everything here works on character spans of the original text, because token scores come with
+character offsets: a unit's score is read from the tokens inside its span. Contrastive rating
+looks only at content tokens: function words and punctuation are predicted by language habit
+whether or not the model sees the image, so they would only add noise.
 """
 
 from __future__ import annotations
 
 import re
 
+Span = tuple[int, int]
+
 # Abbreviations whose period does not end a sentence.
 _ABBREV = {"mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e", "approx", "no", "jr", "sr"}
-_SPLIT = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n+")
-_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+")
+_CLOSERS = "\"'\u201d\u2019)]\u00bb*_"
+"""What may follow a sentence's final punctuation and still belong to it: quotes, brackets and
+markdown emphasis (`The sign reads "OPEN."`)."""
+_END = re.compile(r"(?:[.!?]+|\u2026)[" + re.escape(_CLOSERS) + r"]*(?=\s|$)")
+_TERMINAL = re.compile(r"(?:[.!?]+|\u2026)[" + re.escape(_CLOSERS) + r"]*$")
+_LINE = re.compile(r"[^\n]+")
+_BULLET = re.compile(r"[ \t]*(?:[-*+\u2022]|\d{1,3}[.)])[ \t]+")
+_HEADING = re.compile(
+    r"[ \t]*(?:#{1,6}(?:[ \t].*)?|[-*_=]{3,}[ \t]*|\*\*[^*\n]+\*\*:?[ \t]*|__[^_\n]+__:?[ \t]*)"
+)
+"""Markdown headings (`## Objects`), rules (`---`) and lines that are only bold (`**Scene:**`)."""
+_CLAUSE_BREAK = re.compile(r"[,;](?=\s)")
+_PREV_WORD = re.compile(r"([\w.]+)$")
 
 _FUNCTION_WORDS_TEXT = """
     a an the this that these those there here it its it's they them their theirs he him his she
@@ -29,45 +44,93 @@ FUNCTION_WORDS = frozenset(_FUNCTION_WORDS_TEXT.split())
 _WORD = re.compile(r"[\w'-]+", re.UNICODE)
 
 
-def split_sentences(text: str) -> list[str]:
-    """Sentences of a caption, in order, stripped, empty ones dropped.
+def split_spans(text: str) -> list[Span]:
+    """Character spans of the sentences of `text`, in order.
 
-    Splits after . ! ? followed by whitespace and at line breaks (list-style captions), keeps
-    abbreviations such as "e.g." and "Dr." and decimals such as "3.5" inside their sentence.
+    A sentence ends at . ! ? or an ellipsis followed by whitespace (closing quotes, brackets and
+    emphasis markers stay with it), and at every line break (list-style captions). Markdown
+    headings, rules and bold-only lines are not sentences; a bullet or number marker at the
+    start of a line is not part of its sentence. Abbreviations such as "e.g." and "Dr." and
+    decimals such as "3.5" stay inside their sentence. Spans without a letter or digit are left out.
     """
-    text = text.strip()
-    if not text:
-        return []
-    pieces: list[str] = []
-    buf = ""
-    for part in _SPLIT.split(text):
-        if part is None:
+    spans: list[Span] = []
+    for line in _LINE.finditer(text):
+        lo, hi = line.span()
+        if _HEADING.fullmatch(text, lo, hi):
             continue
-        buf = f"{buf} {part}".strip() if buf else part.strip()
-        if not buf:
-            continue
-        last_word = buf.rsplit(None, 1)[-1].rstrip(".").lower() if buf.endswith(".") else ""
-        if last_word in _ABBREV or (len(last_word) == 1 and last_word.isalpha()):
-            continue  # "e.g." or an initial: the sentence goes on
-        pieces.append(buf)
-        buf = ""
-    if buf:
-        pieces.append(buf)
-    out = []
-    for p in pieces:
-        p = _BULLET.sub("", p).strip()
-        if any(ch.isalnum() for ch in p):
-            out.append(p)
-    return out
+        bullet = _BULLET.match(text, lo, hi)
+        start = bullet.end() if bullet else lo
+        for m in _END.finditer(text, start, hi):
+            if m.group(0).startswith(".") and not m.group(0).startswith(".."):
+                prev = _PREV_WORD.search(text, start, m.start())
+                word = prev.group(1).lower() if prev else ""
+                if word in _ABBREV or (len(word) == 1 and word.isalpha()):
+                    continue  # "e.g." or an initial: the sentence goes on
+            _add(text, spans, start, m.end())
+            start = m.end()
+        _add(text, spans, start, hi)
+    return spans
 
 
-def sentence_spans(text: str, sentences: list[str]) -> list[tuple[int, int]]:
+def _add(text: str, spans: list[Span], start: int, end: int) -> None:
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    if any(ch.isalnum() for ch in text[start:end]):
+        spans.append((start, end))
+
+
+def clean(fragment: str) -> str:
+    """A span's text for people: markdown emphasis markers removed, whitespace collapsed."""
+    fragment = fragment.replace("**", "").replace("__", "")
+    return re.sub(r"\s+", " ", fragment).strip()
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a caption, in order, cleaned (see `split_spans`)."""
+    return [clean(text[s:e]) for s, e in split_spans(text)]
+
+
+def clause_spans(text: str, span: Span) -> list[Span]:
+    """Comma (and semicolon) clauses of one sentence span. "1,000" does not split."""
+    start, end = span
+    out: list[Span] = []
+    for m in _CLAUSE_BREAK.finditer(text, start, end):
+        _add(text, out, start, m.start())
+        start = m.end()
+    _add(text, out, start, end)
+    return out or [span]
+
+
+def is_terminated(text: str, span: Span) -> bool:
+    """True when the span ends with sentence-final punctuation (possibly closed by quotes)."""
+    return _TERMINAL.search(text, span[0], span[1]) is not None
+
+
+def terminal(text: str, span: Span) -> str:
+    """The sentence-final punctuation of a span ('' when it has none)."""
+    m = _TERMINAL.search(text, span[0], span[1])
+    return m.group(0).replace("*", "").replace("_", "") if m else ""
+
+
+def drop_unterminated_tail(text: str, spans: list[Span]) -> list[Span]:
+    """Spans without the last one when it was cut off mid-sentence (the text hit a token limit).
+
+    Only the final span can be cut: earlier ones ended at punctuation or at a line break.
+    """
+    if spans and spans[-1][1] >= len(text.rstrip()) and not is_terminated(text, spans[-1]):
+        return spans[:-1]
+    return spans
+
+
+def sentence_spans(text: str, sentences: list[str]) -> list[Span]:
     """Character spans of `sentences` (as split from `text`) inside `text`, in order."""
     spans = []
     pos = 0
     for s in sentences:
         idx = text.find(s, pos)
-        if idx == -1:  # the splitter joined lines; fall back to the first word's position
+        if idx == -1:  # cleaned text (emphasis removed): fall back to the first word's position
             head = s.split()[0] if s.split() else s
             idx = text.find(head, pos)
             if idx == -1:
@@ -97,10 +160,40 @@ def is_content_token(text: str, start: int, end: int) -> bool:
 
 
 def normalise_object(name: str) -> str:
-    """Canonical form of an object name for deduplication: lowercase, no article, no plural noise."""
+    """Canonical form of an object name: lowercase, no article, no surrounding punctuation."""
     name = name.strip().strip(".:;,!?\"'`*").strip()
     name = re.sub(r"\s+", " ", name).lower()
     for article in ("the ", "a ", "an ", "some "):
         if name.startswith(article):
             name = name[len(article) :]
     return name.strip()
+
+
+_IRREGULAR = {
+    "men": "man", "women": "woman", "children": "child", "people": "person", "feet": "foot",
+    "teeth": "tooth", "mice": "mouse", "geese": "goose", "leaves": "leaf", "knives": "knife",
+    "shelves": "shelf", "wolves": "wolf", "loaves": "loaf", "halves": "half",
+}
+
+
+def singular(word: str) -> str:
+    """A rough English singular, good enough to tell that "cats" and "cat" are one object."""
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    if len(word) <= 3 or word.endswith(("ss", "us", "is")):
+        return word
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"
+    if word.endswith(("ches", "shes", "xes", "zes", "sses", "oes")):
+        return word[:-2]
+    if word.endswith("s"):
+        return word[:-1]
+    return word
+
+
+def object_key(name: str) -> str:
+    """Deduplication key of an object name: normalised, last word in the singular."""
+    words = normalise_object(name).split()
+    if not words:
+        return ""
+    return " ".join([*words[:-1], singular(words[-1])])

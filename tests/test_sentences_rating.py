@@ -7,8 +7,17 @@ import math
 import pytest
 
 from scalecap.backends.base import GenerateResult, ScoreResult, TokenScore, char_offsets
-from scalecap.rating import NO_CONTENT, contrastive_scores, yesno_score
-from scalecap.sentences import is_content_token, normalise_object, sentence_spans, split_sentences
+from scalecap.rating import NO_CONTENT, contrastive_scores, select, token_deltas, units_of, yesno_score
+from scalecap.sentences import (
+    clause_spans,
+    drop_unterminated_tail,
+    is_content_token,
+    normalise_object,
+    object_key,
+    sentence_spans,
+    split_sentences,
+    split_spans,
+)
 
 
 def test_split_sentences_keeps_abbreviations_and_decimals():
@@ -54,7 +63,7 @@ def test_contrastive_score_is_the_largest_content_delta_per_sentence():
     spans = sentence_spans(text, split_sentences(text))
     with_img = tokens(text, [0.9, 0.8, 0.5, 0.9, 0.3, 0.2])
     without = tokens(text, [0.1, 0.2, 0.4, 0.1, 0.3, 0.25])
-    scores = contrastive_scores(text, spans, with_img, without)
+    scores = contrastive_scores(text, spans, with_img, without, mode="prob_diff")
     # "The" is a function word (its delta 0.8 does not count); cat 0.6 is the best of sentence 1
     assert scores[0] == pytest.approx(0.6)
     assert scores[1] == pytest.approx(0.0)
@@ -70,7 +79,8 @@ def test_contrastive_aligns_from_the_end_when_lengths_differ():
     text = "red car"
     a = tokens(text, [0.9, 0.9])
     b = ScoreResult(tokens=[TokenScore("x", 0, 0, math.log(0.5)), *tokens(text, [0.1, 0.5]).tokens])
-    assert contrastive_scores(text, [(0, 7)], a, b) == [pytest.approx(0.8)]
+    assert contrastive_scores(text, [(0, 7)], a, b, mode="prob_diff") == [pytest.approx(0.8)]
+    assert contrastive_scores(text, [(0, 7)], a, b, mode="log_ratio") == [pytest.approx(math.log(9))]
 
 
 def test_yesno_score_from_logprobs_and_text():
@@ -89,3 +99,68 @@ def test_normalise_object():
 def test_char_offsets_of_decoded_pieces():
     assert char_offsets(["A", " red", " car", "."], "A red car.") == [(0, 1), (1, 5), (5, 9), (9, 10)]
     assert char_offsets(["\ufffd", "b"], "éb")[1] == (1, 2)
+
+
+def test_closing_quotes_stay_with_their_sentence():
+    text = 'The sign reads "OPEN." The door is (half open.) She said \u201chello!\u201d Done.'
+    assert split_sentences(text) == [
+        'The sign reads "OPEN."', "The door is (half open.)", "She said \u201chello!\u201d", "Done."]
+
+
+def test_markdown_headings_rules_and_bullets_are_not_sentences():
+    text = ("# Overview\n## The scene\n**Objects:**\n---\n- A red car.\n* A **blue** bus.\n"
+            "2) Three cats\n\u2022 A dog.")
+    assert split_sentences(text) == ["A red car.", "A blue bus.", "Three cats", "A dog."]
+    spans = split_spans(text)
+    assert text[spans[0][0] : spans[0][1]] == "A red car."  # the marker is outside the span
+
+
+def test_clauses_split_at_commas_but_not_inside_numbers():
+    text = "A red car, a dog, and 1,000 bricks."
+    clauses = [text[s:e] for s, e in clause_spans(text, (0, len(text)))]
+    assert clauses == ["A red car", "a dog", "and 1,000 bricks."]
+
+
+def test_cut_tail_is_dropped_only_when_unterminated():
+    text = "A red car. A dog sits on the"
+    assert [text[s:e] for s, e in drop_unterminated_tail(text, split_spans(text))] == ["A red car."]
+    done = 'A red car. A dog says "woof."'
+    assert len(drop_unterminated_tail(done, split_spans(done))) == 2
+    listed = "- a red car\n- a dog."
+    assert len(units_of(listed, truncated=True)) == 2
+    assert units_of("A dog sits on the", truncated=True) == []
+
+
+def test_object_key_merges_singular_and_plural():
+    assert object_key("the Cats") == object_key("cat") == "cat"
+    assert object_key("boxes") == "box" and object_key("berries") == "berry"
+    assert object_key("glass") == "glass" and object_key("houses") == "house"
+    assert object_key("men") == "man" and object_key("bus") == "bus"
+
+
+def test_modes_differ_on_the_same_token_probabilities():
+    text = "kite"
+    a, b = tokens(text, [0.10]), tokens(text, [0.01])
+    assert token_deltas(a, b, "prob_diff")[0][1] == pytest.approx(0.09)
+    assert token_deltas(a, b, "log_ratio")[0][1] == pytest.approx(math.log(10))
+    # logit_diff subtracts whatever the engine returned (raw logits there): the same arithmetic
+    assert token_deltas(a, b, "logit_diff")[0][1] == pytest.approx(math.log(10))
+
+
+def test_select_prunes_failing_clauses_and_keeps_the_full_stop():
+    text = "A red car, a unicorn. A dragon, a castle."
+    #          A    red  car,  a    unicorn.  A    dragon, a    castle.
+    probs_img = [0.2, 0.9, 0.9, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]
+    with_img = tokens(text, probs_img)
+    without = tokens(text, [0.2] * 9)
+    deltas = token_deltas(with_img, without, "log_ratio")
+    spans = split_spans(text)
+    clause = select(text, spans, deltas, unit="clause", threshold=0.0)
+    assert [r.kept for r in clause] == ["A red car.", None]
+    assert clause[0].unit_scores == [pytest.approx(math.log(4.5)), pytest.approx(0.0)]
+    sentence = select(text, spans, deltas, unit="sentence", threshold=0.0)
+    assert [r.kept for r in sentence] == ["A red car, a unicorn.", None]
+    # a unit without content tokens is never kept, whatever the threshold
+    habit = token_deltas(tokens("It is.", [0.9, 0.9]), tokens("It is.", [0.1, 0.1]), "log_ratio")
+    (rated,) = select("It is.", [(0, 6)], habit, unit="sentence", threshold=-50)
+    assert rated.kept is None and rated.score == NO_CONTENT

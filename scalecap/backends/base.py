@@ -10,9 +10,10 @@ encodes them as it needs (vLLM takes PIL directly, an HTTP server gets a data UR
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -35,6 +36,14 @@ class GenerateRequest:
     seed: int | None = None
     top_logprobs: int = 0
     """When > 0, return the top-k alternatives of each generated token (yes/no rating)."""
+    token_scores: bool = False
+    """Return each generated token's id and score (vLLM's `logprobs=0`): under greedy decoding
+    these equal what teacher forcing the same ids with the same prompt and image gives, so the
+    contrastive rating needs no with-image pass. Backends without `supports_generation_logprobs`
+    ignore it."""
+    fit_context: bool = False
+    """Lower max_tokens to what the model's context leaves after the prompt, instead of failing
+    (the large fusion budgets). Backends that cannot count the prompt ignore it."""
 
 
 @dataclass
@@ -45,6 +54,12 @@ class GenerateResult:
     top_logprobs: list[dict[str, float]] | None = None
     """Per generated token: {decoded token text: logprob} of the top-k alternatives."""
     finish_reason: str | None = None
+    """"stop" (end of turn or a stop string), "length" (hit max_tokens or the context), or None."""
+    tokens: list[TokenScore] | None = None
+    """With `token_scores`: one entry per generated token of `text` (end-of-turn tokens left out),
+    spans over `text`; `logprob` holds what `score` would give (see Backend.score_values)."""
+    token_ids: list[int] | None = None
+    """With `token_scores`: the ids of `tokens`, to teacher-force them without re-tokenising."""
 
 
 @dataclass
@@ -59,6 +74,9 @@ class ScoreRequest:
     continuation: str
     image: Image | None = None
     system: str | None = None
+    continuation_ids: list[int] | None = None
+    """When given, teacher-force exactly these ids (the continuation is their decoding, as
+    generated) instead of tokenising `continuation`; the result has one TokenScore per id."""
 
 
 @dataclass
@@ -69,6 +87,8 @@ class TokenScore:
     """Character offset of the token in the continuation (end exclusive below)."""
     end: int
     logprob: float
+    """The token's log-probability, or its raw logit on an engine whose `score_values` is
+    "logits" (vLLM started with logprobs_mode="raw_logits")."""
 
 
 @dataclass
@@ -83,7 +103,13 @@ class Backend(Protocol):
 
     model_name: str
     supports_scoring: bool
-    """True when `score` works (prompt logprobs / logits); contrastive mode needs it."""
+    """True when `score` works (prompt logprobs / logits); contrastive mode needs it.
+
+    Optional attributes, read with the helpers below so third-party backends need not have them:
+    `supports_generation_logprobs` (bool: `token_scores` and `continuation_ids` work),
+    `score_values` ("logprobs" or "logits": what TokenScore.logprob holds), `max_model_len`
+    (int or None: the context, in tokens).
+    """
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         """Run every request; results in input order. Raises BackendError on failure."""
@@ -119,3 +145,41 @@ def char_offsets(pieces: Sequence[str], text: str) -> list[tuple[int, int]]:
             else:
                 spans.append((pos, pos))
     return spans
+
+
+ScoreValues = Literal["logprobs", "logits"]
+
+
+def generation_logprobs(backend: Any) -> bool:
+    """Whether `backend` returns generated tokens' scores and teacher-forces given ids."""
+    return bool(getattr(backend, "supports_generation_logprobs", False))
+
+
+def score_values(backend: Any) -> ScoreValues:
+    """What the backend's token scores are: "logprobs" (the default) or raw "logits"."""
+    return "logits" if getattr(backend, "score_values", "logprobs") == "logits" else "logprobs"
+
+
+T = TypeVar("T")
+
+
+async def gather_or_cancel(coros: Sequence[Awaitable[T]]) -> list[T]:
+    """Await all together; on the first failure cancel the rest, so their engine requests stop
+    using the engine, and raise that failure."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return []
+    try:
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+    if failed is not None:
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise failed.exception()  # type: ignore[misc]
+    return [t.result() for t in tasks]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from scalecap.backends.base import char_offsets
 from scalecap.errors import ConfigError
 
 
@@ -79,6 +80,34 @@ class ChatRenderer:
 
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def special_ids(self) -> set[int]:
+        return set(getattr(self.tokenizer, "all_special_ids", None) or ())
+
+    def strip_special_tail(self, ids: list[int]) -> int:
+        """How many of `ids` remain once trailing special tokens (end of turn) are left out."""
+        special = self.special_ids()
+        n = len(ids)
+        while n and ids[n - 1] in special:
+            n -= 1
+        return n
+
+    def spans_of_ids(self, ids: list[int], text: str) -> list[tuple[int, int]]:
+        """Character span in `text` (the decoding of `ids`) of each token, in order.
+
+        Each token's piece is its decoding in a short window of the tokens before it, so pieces of
+        SentencePiece and byte-level tokenizers both come out right; a token that only completes
+        a multi-byte character elsewhere, or a special token, gets a zero-width span.
+        """
+        pieces: list[str] = []
+        decode = self.tokenizer.decode
+        for k in range(len(ids)):
+            lo = max(0, k - 6)
+            prev = decode(ids[lo:k], skip_special_tokens=True).rstrip("\ufffd") if k > lo else ""
+            cur = decode(ids[lo : k + 1], skip_special_tokens=True)
+            piece = cur[len(prev) :] if cur.startswith(prev) else decode([ids[k]], skip_special_tokens=True)
+            pieces.append(piece.rstrip("\ufffd"))
+        return char_offsets(pieces, text)
 
 
 def token_spans(offsets: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:

@@ -1,51 +1,62 @@
-"""Stage 6: summarise object details, then position details, then write the final caption.
+"""Stage 6: collect the object details, extract the positions, then write the final caption.
 
-The two summaries do not depend on each other and run concurrently; the final caption follows the
-golden sentences as its backbone.
+The answers reach the language model grouped under the golden sentence their questions came
+from. Collecting and extracting do not depend on each other and run concurrently; the final
+caption organises everything along the golden sentences. Budgets are large and each is lowered to
+what the model's context leaves. Nothing is ever fused from nothing: with no answer to add, the
+golden sentences are the caption, and an empty final text fails the image.
 """
 
 from __future__ import annotations
 
-import asyncio
-
 from scalecap import prompts
-from scalecap.stages.context import ImageContext
+from scalecap.stages.context import ImageContext, UnusableText
 
 NAME = "fusion"
 
 
-async def _summarise(ctx: ImageContext, template: str, pairs: list[tuple[str, str]], limit: int) -> str:
-    if not pairs:
+def grouped(ctx: ImageContext, offset: int) -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(golden sentence, [(object, kept answer text)])] for object (offset 0) or position answers."""
+    groups: list[tuple[str, list[tuple[str, str]]]] = [(s, []) for s in ctx.golden_sentences]
+    for j, (obj, owner) in enumerate(zip(ctx.objects, ctx.object_owner, strict=True)):
+        i = offset + j
+        if i < len(ctx.answer_kept) and ctx.answer_kept[i] and ctx.answer_texts[i].strip():
+            groups[owner][1].append((obj, " ".join(ctx.answer_texts[i].split())))
+    return groups
+
+
+async def _write(ctx: ImageContext, template: str, details: str, limit: int) -> str:
+    if not details:
         return ""
-    (r,) = await ctx.generate(
-        ctx.llm, [ctx.vlm_request(template.format(pairs=prompts.format_pairs(pairs)), limit, image=False)]
-    )
+    request = ctx.vlm_request(template.format(details=details), limit, image=False, fit_context=True)
+    (r,) = await ctx.generate(ctx.llm, [request])
     return r.text.strip()
 
 
 async def run(ctx: ImageContext) -> None:
     with ctx.timed(NAME):
         cfg = ctx.config
-        n = len(ctx.object_questions)
-        kept = ctx.answer_kept
-        obj_pairs = [
-            (q, a)
-            for i, (q, a) in enumerate(zip(ctx.object_questions, ctx.object_answers, strict=True))
-            if kept[i]
-        ]
-        pos_pairs = [
-            (q, a)
-            for i, (q, a) in enumerate(zip(ctx.position_questions, ctx.position_answers, strict=True))
-            if kept[n + i]
-        ]
-        ctx.object_summary, ctx.position_summary = await asyncio.gather(
-            _summarise(ctx, prompts.SUMMARISE_OBJECTS, obj_pairs, cfg.max_object_summary_tokens),
-            _summarise(ctx, prompts.SUMMARISE_POSITIONS, pos_pairs, cfg.max_position_summary_tokens),
-        )
+        objects = prompts.format_grouped(grouped(ctx, 0), "Details about")
+        positions = prompts.format_grouped(grouped(ctx, len(ctx.objects)), "Position of")
+        if objects or positions:
+            ctx.object_summary, ctx.position_summary = await ctx.together(
+                _write(ctx, prompts.COLLECT_OBJECTS, objects, cfg.max_object_summary_tokens),
+                _write(ctx, prompts.EXTRACT_POSITIONS, positions, cfg.max_position_summary_tokens),
+            )
+        sections = ""
+        if ctx.object_summary:
+            sections += prompts.OBJECT_SECTION.format(text=ctx.object_summary)
+        if ctx.position_summary:
+            sections += prompts.POSITION_SECTION.format(text=ctx.position_summary)
+        if not sections:
+            ctx.final_caption = " ".join(ctx.golden_sentences)
+            ctx.notes["fusion"] = "skipped: no answer details to add to the golden sentences"
+            return
         prompt = prompts.FINAL_CAPTION.format(
-            golden=" ".join(ctx.golden_sentences) or "(none)",
-            objects=ctx.object_summary or "(none)",
-            positions=ctx.position_summary or "(none)",
+            golden=prompts.format_sentences(ctx.golden_sentences), sections=sections
         )
-        (r,) = await ctx.generate(ctx.llm, [ctx.vlm_request(prompt, cfg.max_final_tokens, image=False)])
+        request = ctx.vlm_request(prompt, cfg.max_final_tokens, image=False, fit_context=True)
+        (r,) = await ctx.generate(ctx.llm, [request])
         ctx.final_caption = r.text.strip()
+        if not any(ch.isalnum() for ch in ctx.final_caption):
+            raise UnusableText("the final caption came back empty")

@@ -1,25 +1,19 @@
-"""Stage 2: keep the golden sentences, the ones the image itself supports."""
+"""Stage 2: keep the golden sentences, the ones the image itself supports.
+
+The caption's units (comma clauses or sentences, `filter_unit`) are rated; a sentence is golden
+when any of its units passes, and in clause mode its failing clauses are pruned. A caption cut off
+by its token limit loses its unterminated last sentence first, unless that is its only sentence.
+When nothing passes, `golden_fallback` decides: the whole caption, the best sentence, or an error.
+"""
 
 from __future__ import annotations
 
 from scalecap import prompts
-from scalecap.backends.base import ScoreRequest
-from scalecap.rating import contrastive_scores, yesno_score
-from scalecap.sentences import sentence_spans, split_sentences
-from scalecap.stages.context import ImageContext
+from scalecap.rating import RatedSentence, select, units_of, yesno_score
+from scalecap.sentences import Span, clean, split_spans
+from scalecap.stages.context import ImageContext, UnusableText
 
 NAME = "golden"
-
-
-async def rate(ctx: ImageContext, prompt: str, text: str, spans: list[tuple[int, int]]) -> list[float]:
-    """Contrastive scores of the spans of `text`, the model's reply to `prompt` about the image."""
-    with_img, without_img = await ctx.score(
-        [
-            ScoreRequest(prompt=prompt, continuation=text, image=ctx.image, system=ctx.system),
-            ScoreRequest(prompt=prompt, continuation=text, image=None, system=ctx.system),
-        ]
-    )
-    return contrastive_scores(text, spans, with_img, without_img)
 
 
 async def rate_yesno(ctx: ImageContext, statements: list[str]) -> list[float]:
@@ -32,27 +26,68 @@ async def rate_yesno(ctx: ImageContext, statements: list[str]) -> list[float]:
     return [yesno_score(r) for r in await ctx.generate(ctx.vlm, requests)]
 
 
+def rated_spans(text: str, truncated: bool) -> tuple[list[Span], bool]:
+    """Sentence spans to rate, and whether an unterminated tail had to be kept (it was all)."""
+    spans = units_of(text, truncated=truncated)
+    if spans or not truncated:
+        return spans, False
+    return split_spans(text), True
+
+
+async def rate_texts(
+    ctx: ImageContext, items: list[tuple[str, str, object]], truncated: list[bool], threshold: float
+) -> list[list[RatedSentence]]:
+    """Rate several (prompt, text, generation or None) replies; one engine call for all."""
+    cfg = ctx.config
+    spans = [rated_spans(text, cut)[0] for (_, text, _), cut in zip(items, truncated, strict=True)]
+    if cfg.sentence_filter == "yesno":
+        statements = [clean(text[s:e]) for (_, text, _), sp in zip(items, spans, strict=True) for s, e in sp]
+        scores = iter(await rate_yesno(ctx, statements))
+        out = []
+        for (_, text, _), sp in zip(items, spans, strict=True):
+            rated = []
+            for s, e in sp:
+                score = next(scores)
+                sentence = clean(text[s:e])
+                rated.append(RatedSentence(sentence, score, sentence if score > threshold else None, [score]))
+            out.append(rated)
+        return out
+    deltas = await ctx.deltas(items, cfg.score_mode)  # type: ignore[arg-type]
+    return [
+        select(text, sp, d, unit=cfg.filter_unit, threshold=threshold)
+        for (_, text, _), sp, d in zip(items, spans, deltas, strict=True)
+    ]
+
+
 async def run(ctx: ImageContext) -> None:
     with ctx.timed(NAME):
         cfg = ctx.config
-        ctx.sentences = split_sentences(ctx.init_caption)
-        if not ctx.sentences:
-            ctx.notes["empty_caption"] = True
+        gen = ctx.caption_result
+        # Rate the text as generated (offsets of its token scores refer to it), not the stripped copy.
+        text = gen.text if gen is not None and gen.text.strip() == ctx.init_caption else ctx.init_caption
+        cut = gen is not None and gen.finish_reason == "length"
+        spans, kept_tail = rated_spans(text, cut)
+        if not spans:
+            raise UnusableText("the initial caption has no sentence to rate")
+        if kept_tail:
+            ctx.notes["unterminated_caption_rated"] = True
+        threshold = 0.0 if cfg.sentence_filter == "yesno" else cfg.sentence_threshold
+        (rated,) = await rate_texts(ctx, [(prompts.INIT_CAPTION, text, gen)], [cut], threshold)
+        ctx.sentences = [r.text for r in rated]
+        ctx.sentence_scores = [round(r.score, 6) for r in rated]
+        if cfg.sentence_filter == "contrastive" and cfg.filter_unit == "clause":
+            ctx.unit_scores = [[round(s, 6) for s in r.unit_scores] for r in rated]
+        ctx.golden_sentences = [r.kept for r in rated if r.kept]
+        if ctx.golden_sentences:
             return
-        if cfg.sentence_filter == "yesno":
-            scores = await rate_yesno(ctx, ctx.sentences)
-            threshold = 0.0
-        else:
-            spans = sentence_spans(ctx.init_caption, ctx.sentences)
-            scores = await rate(ctx, prompts.INIT_CAPTION, ctx.init_caption, spans)
-            threshold = cfg.tau_sentence
-        ctx.sentence_scores = [round(s, 6) for s in scores]
-        ctx.golden_sentences = [s for s, sc in zip(ctx.sentences, scores, strict=True) if sc > threshold]
-        if not ctx.golden_sentences:
-            best = max(range(len(scores)), key=scores.__getitem__)
+        reason = "no sentence passed the threshold"
+        if cfg.golden_fallback == "error":
+            raise UnusableText(f"{reason} (threshold {threshold}) and golden_fallback is 'error'")
+        note = {"reason": reason, "threshold": threshold, "kept": cfg.golden_fallback}
+        if cfg.golden_fallback == "best":
+            best = max(range(len(rated)), key=lambda i: rated[i].score)
             ctx.golden_sentences = [ctx.sentences[best]]
-            ctx.notes["golden_fallback"] = {
-                "reason": "no sentence passed the threshold; kept the highest-scoring one",
-                "threshold": threshold,
-                "kept_index": best,
-            }
+            note["kept_index"] = best
+        else:
+            ctx.golden_sentences = [" ".join(ctx.sentences)]
+        ctx.notes["golden_fallback"] = note

@@ -1,11 +1,14 @@
-"""Stage 5 (optional): rate each answer like the sentences and drop unsupported ones."""
+"""Stage 5 (optional): rate each answer's sentences, conditioned on its question.
+
+An answer's units are rated like the caption's, with the question as the prompt, and its passing
+sentences (clauses pruned in clause mode) are what fusion reads. When none passes,
+`answer_fallback` keeps the whole answer (the authors' rule) or drops it.
+"""
 
 from __future__ import annotations
 
-import asyncio
-
 from scalecap.stages.context import ImageContext
-from scalecap.stages.golden import rate, rate_yesno
+from scalecap.stages.golden import rate_texts
 
 NAME = "second_filter"
 
@@ -14,20 +17,28 @@ async def run(ctx: ImageContext) -> None:
     if not ctx.config.second_filter:
         return
     with ctx.timed(NAME):
+        cfg = ctx.config
         questions = ctx.object_questions + ctx.position_questions
-        answers = ctx.object_answers + ctx.position_answers
-        todo = [i for i, a in enumerate(answers) if a]
+        todo = [i for i, r in enumerate(ctx.answer_results) if r.text.strip()]
         if not todo:
             return
-        if ctx.config.sentence_filter == "yesno":
-            scores = await rate_yesno(ctx, [answers[i] for i in todo])
-            threshold = 0.0
-        else:
-            scores = await asyncio.gather(
-                *(rate(ctx, questions[i], answers[i], [(0, len(answers[i]))]) for i in todo)
-            )
-            scores = [s[0] for s in scores]
-            threshold = ctx.config.answer_threshold
-        for i, score in zip(todo, scores, strict=True):
-            ctx.answer_scores[i] = round(score, 6)
-            ctx.answer_kept[i] = score > threshold
+        threshold = 0.0 if cfg.sentence_filter == "yesno" else cfg.answer_threshold
+        results = ctx.answer_results
+        rated = await rate_texts(
+            ctx,
+            [(questions[i], results[i].text, results[i]) for i in todo],
+            [results[i].finish_reason == "length" for i in todo],
+            threshold,
+        )
+        fallbacks = 0
+        for i, sentences in zip(todo, rated, strict=True):
+            kept = [s.kept for s in sentences if s.kept]
+            ctx.answer_scores[i] = round(max((s.score for s in sentences), default=-10000.0), 6)
+            if kept:
+                ctx.answer_texts[i] = " ".join(kept)
+            elif cfg.answer_fallback == "keep_all":
+                fallbacks += 1
+            else:
+                ctx.answer_kept[i] = False
+        if fallbacks:
+            ctx.notes["answer_fallback"] = {"kept_whole": fallbacks, "threshold": threshold}
