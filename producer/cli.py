@@ -1,4 +1,4 @@
-"""The `scalecap` command: caption, worker, submit, status, results, cancel, api.
+"""The `scalecap` command: caption, worker, submit, status, results, cancel, reconcile, purge, api, keys.
 
 Each command's implementation is imported when that command runs, so `scalecap --help` and the
 producer commands never load torch or vLLM (a producer machine need not have them).
@@ -19,7 +19,10 @@ COMMANDS: dict[str, str] = {
     "status": "print a batch's status as JSON",
     "results": "write a batch's records as JSONL",
     "cancel": "cancel a batch (queued jobs are not run)",
-    "api": "serve the HTTP API (not available yet)",
+    "reconcile": "repair the queue once: republish lost messages, requeue expired leases, drain the outbox",
+    "purge": "delete a batch's state (or every batch finished before a date) from Redis",
+    "api": "serve the HTTP API (FastAPI; keys, quotas, metrics)",
+    "keys": "create, list or revoke API keys of the HTTP API",
 }
 
 
@@ -52,12 +55,15 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue", default=None, help="queue to send to (default: scalecap.gpu.<model>)")
     p.add_argument("--image-key", default="image", help="manifest field holding the image")
     p.add_argument("--wait", action="store_true", help="show progress and wait until the batch ends")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="images per task message (env SCALECAP_CHUNK_SIZE, default 16)")
     _add_broker(p)
     add_config_args(p)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from scalecap.cli_options import config_from_args
+    from scalecap.queue_protocol import BatchMismatch
 
     client = _client(args)
     config = config_from_args(args)
@@ -66,7 +72,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         bar = tqdm(desc="submitted", unit="img", file=sys.stderr)
-    result = client.submit(
+
+    def on_wait(queued: int) -> None:  # SCALECAP_MAX_QUEUED backpressure
+        if bar is not None:
+            bar.set_postfix_str(f"waiting: {queued} images queued > SCALECAP_MAX_QUEUED")
+        else:
+            print(f"scalecap submit: waiting, {queued} images queued > SCALECAP_MAX_QUEUED",
+                  file=sys.stderr)
+
+    try:
+        result = _submit(client, args, config, bar, on_wait)
+    except BatchMismatch as exc:  # nothing was written
+        print(f"scalecap submit: error: {exc}", file=sys.stderr)
+        return 2
+    if bar is not None:
+        bar.close()
+    print(json.dumps(result.to_dict()), flush=True)
+    if not args.wait:
+        return 0
+    return _wait(client, result)
+
+
+def _submit(client: Any, args: argparse.Namespace, config: Any, bar: Any, on_wait: Any) -> Any:
+    return client.submit(
         args.sources,
         sink=args.sink,
         webhook=args.webhook,
@@ -77,12 +105,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         queue=args.queue,
         image_key=args.image_key,
         on_progress=(lambda n: bar.update(n - bar.n)) if bar is not None else None,
+        chunk_size=args.chunk_size,
+        on_wait=on_wait,
     )
-    if bar is not None:
-        bar.close()
-    print(json.dumps(result.to_dict()), flush=True)
-    if not args.wait:
-        return 0
+
+
+def _wait(client: Any, result: Any) -> int:
     from tqdm import tqdm
 
     with tqdm(desc="captioned", unit="img", file=sys.stderr) as bar:
@@ -142,17 +170,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_api_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-
-
-def cmd_api(args: argparse.Namespace) -> int:
-    print("scalecap api: the HTTP API is not available yet; use scalecap submit/status/results/"
-          "cancel or producer.client.FleetClient", file=sys.stderr)
-    return 2
-
-
 # --- engine commands: their modules load only when they run --------------------------------
 
 
@@ -172,7 +189,11 @@ HANDLERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[..
     "status": (add_status_args, cmd_status),
     "results": (add_results_args, cmd_results),
     "cancel": (add_cancel_args, cmd_cancel),
-    "api": (add_api_args, cmd_api),
+    "reconcile": (_lazy("producer.cli_fleet", "add_reconcile_args"),
+                  _lazy("producer.cli_fleet", "cmd_reconcile")),
+    "purge": (_lazy("producer.cli_fleet", "add_purge_args"), _lazy("producer.cli_fleet", "cmd_purge")),
+    "api": (_lazy("producer.api.server", "add_cli_args"), _lazy("producer.api.server", "main")),
+    "keys": (_lazy("producer.cli_keys", "add_cli_args"), _lazy("producer.cli_keys", "main")),
 }
 
 
@@ -197,14 +218,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     from scalecap.errors import ScaleCapError
+    from scalecap.redact import protect_process, redact_text
 
+    secrets = protect_process(None, getattr(args, "broker_url", None))  # no password in any output
     try:
         return int(HANDLERS[args.command][1](args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ScaleCapError, ValueError, OSError) as exc:
-        print(f"scalecap {args.command}: error: {exc}", file=sys.stderr)
+    except (ScaleCapError, ValueError, OSError, *_broker_errors()) as exc:
+        print(f"scalecap {args.command}: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return 1
+
+
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    """Redis and kombu connection errors (wrong password, TLS refused): a message, no traceback."""
+    try:
+        from kombu.exceptions import OperationalError
+        from redis import RedisError
+    except ImportError:
+        return ()
+    return (RedisError, OperationalError)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,17 @@ class Settings:
     webhook_timeout: float = 10.0
     webhook_max_attempts: int = 6
     api_keys: list[str] = field(default_factory=list)
+    """Bootstrap keys the HTTP API accepts as admin keys (prefer `scalecap keys create`)."""
+    api_cors_origins: list[str] = field(default_factory=list)
+    """Origins browsers may call the HTTP API from (empty: CORS off)."""
+    api_max_body_bytes: int = 16 * 1024 * 1024
+    """Largest JSON request body of the HTTP API; more is 413."""
+    api_max_upload_bytes: int = 4 * 1024 * 1024 * 1024
+    """Largest streamed JSONL manifest upload (POST /v1/batches, application/x-ndjson); more is 413."""
+    api_caption_timeout: float = 30.0
+    """Seconds POST /v1/captions waits for its caption before answering 202 with the job to poll."""
+    api_retry_after: int = 30
+    """Retry-After seconds of a 429 (quota) answer."""
     allowed_roots: list[str] = field(default_factory=list)
     """Local directories images may be read from by workers and the API (empty: none)."""
     allow_private_urls: bool = False

@@ -1,0 +1,384 @@
+"""/v1/batches: submit (JSON or a streamed JSONL upload), list, status, results, cancel, failures.
+
+A key sees only its own batches (an admin key sees all); any other batch is answered exactly as
+one that does not exist (404). Reads go through FleetClient only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from producer.api.auth import owns, require
+from producer.api.limits import is_ndjson, read_json, too_large
+from producer.api.models import (
+    BATCH_ID_PATTERN,
+    BatchAccepted,
+    BatchList,
+    BatchRequest,
+    BatchStatus,
+    Failures,
+    JobPage,
+    SubmitCounts,
+)
+from producer.api.problems import ApiProblem, bad_request, not_found, responses
+from producer.api.quota import capped
+from producer.api.refs import RefError, check_ref, checked_rows
+from producer.api.submission import UploadAborted, UploadTooLarge, body_lines
+from producer.client import BatchNotFound
+from producer.sources import SourceRow, manifest_rows, s3_rows
+from scalecap.api_keys import ApiKey
+from scalecap.config import ImageScaleCaptionGenerateConfig
+from scalecap.errors import ConfigError
+from scalecap.queue_protocol import gpu_queue
+
+router = APIRouter(prefix="/v1", tags=["batches"])
+
+_BATCH_ID = re.compile(BATCH_ID_PATTERN)
+_JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+ADMIN_ONLY_CONFIG = frozenset({"llm_base_url", "llm_model", "llm_api_key"})
+"""Config fields that point workers at another server (with the fleet's LLM key): admin only."""
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}},
+            "application/x-ndjson": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "A JSONL manifest, streamed: one {\"image\": ...} object or string per "
+                               "line. Options then come as query parameters.",
+            },
+        },
+    }
+}
+
+
+# --- shared helpers (also used by /v1/captions) ---------------------------------------------
+
+
+def chain_config(raw: Any, key: ApiKey) -> ImageScaleCaptionGenerateConfig:
+    if raw is None:
+        return ImageScaleCaptionGenerateConfig()
+    if not isinstance(raw, dict):
+        raise bad_request("config must be an object of ScaleCap config fields", "bad-config")
+    if not key.is_admin and ADMIN_ONLY_CONFIG & set(raw):
+        raise bad_request(f"config fields {sorted(ADMIN_ONLY_CONFIG & set(raw))} need an admin key",
+                          "bad-config")
+    try:
+        return ImageScaleCaptionGenerateConfig.from_dict(raw)
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise bad_request(f"config: {exc}", "bad-config") from exc
+
+
+def queue_for(model: str) -> str:
+    try:
+        return gpu_queue(model)
+    except ConfigError as exc:
+        raise bad_request(str(exc), "bad-model") from exc
+
+
+def batch_id_for(key: ApiKey, batch_id: str | None, idempotency_key: str | None) -> str | None:
+    """The client's batch id, or one derived from (key, Idempotency-Key): a retry lands on it."""
+    if batch_id:
+        return batch_id
+    if idempotency_key:
+        digest = hashlib.sha256(f"{key.key_id}\0{idempotency_key}".encode()).hexdigest()[:32]
+        return f"idem-{digest}"
+    return None
+
+
+def status_or_none(client: Any, batch_id: str) -> dict[str, Any] | None:
+    try:
+        return client.status(batch_id)
+    except BatchNotFound:
+        return None
+
+
+def owned_status(request: Request, key: ApiKey, batch_id: str) -> dict[str, Any]:
+    """The batch's status if `key` may see it; 404 otherwise (whether or not it exists)."""
+    if not _BATCH_ID.match(batch_id):
+        raise not_found()
+    st = status_or_none(request.app.state.client, batch_id)
+    if st is None or not owns(key, st):
+        raise not_found()
+    return st
+
+
+def accepted(request: Request, batch_id: str, *, replayed: bool = False,
+             counts: SubmitCounts | None = None) -> BatchAccepted:
+    base = str(request.base_url).rstrip("/")
+    return BatchAccepted(batch_id=batch_id, status_url=f"{base}/v1/batches/{batch_id}",
+                         results_url=f"{base}/v1/batches/{batch_id}/results", replayed=replayed,
+                         submission=counts)
+
+
+def quota_exceeded(request: Request, key: ApiKey, detail: str) -> ApiProblem:
+    retry = str(int(request.app.state.settings.api_retry_after))
+    return ApiProblem(429, "quota-exceeded", detail, headers={"Retry-After": retry})
+
+
+# --- POST /v1/batches -----------------------------------------------------------------------
+
+
+def _source_rows(client: Any, url: str, image_key: str) -> Iterator[SourceRow]:
+    """Rows of an s3:// prefix or manifest; a listing that fails becomes one error row."""
+    try:
+        yield from s3_rows(url, client._s3_client(), image_key=image_key)
+    except Exception as exc:
+        message = f"reading {url}: {type(exc).__name__}: {exc}"[:500]
+        yield SourceRow(ref=url[:1000], error={"stage": "submit", "type": "SourceError", "message": message})
+
+
+def _check_source(request: Request, url: str) -> None:
+    settings = request.app.state.settings
+    if not url.startswith("s3://"):
+        raise bad_request("source must be an s3://bucket/prefix (or s3:// manifest)", "bad-reference")
+    bucket, _, prefix = url[5:].partition("/")
+    if not bucket:
+        raise bad_request("source: no bucket", "bad-reference")
+    allowed = getattr(settings, "allowed_buckets", None) or []
+    if allowed and bucket not in allowed:
+        raise bad_request(f"source: bucket {bucket!r} is not allowed", "bad-reference")
+    try:
+        s3 = request.app.state.client._s3_client()
+        s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except Exception as exc:
+        raise bad_request(f"source {url}: cannot list it ({type(exc).__name__})", "bad-reference") from exc
+
+
+def _check_bucket(request: Request, ref: str) -> str:
+    allowed = getattr(request.app.state.settings, "allowed_buckets", None) or []
+    if allowed and ref.startswith("s3://") and ref[5:].partition("/")[0] not in allowed:
+        raise RefError(f"{ref[:120]}: bucket is not allowed")
+    return ref
+
+
+@router.post(
+    "/batches",
+    status_code=202,
+    response_model=BatchAccepted,
+    summary="Create a batch (JSON, or a streamed JSONL manifest upload)",
+    responses={200: {"model": BatchAccepted, "description": "Idempotency-Key replay of an earlier batch"},
+               **responses(400, 401, 403, 409, 413, 415, 429)},
+    openapi_extra=_UPLOAD_BODY,
+)
+async def create_batch(
+    request: Request,
+    response: Response,
+    key: ApiKey = Depends(require("submit")),
+    idempotency_key: str | None = Header(default=None, max_length=200,
+                                         description="Retries with the same key return the same batch"),
+    model: str | None = Query(default=None, max_length=512, description="Uploads: the model"),
+    sink: str = Query(default="redis", max_length=2048, description="Uploads: 'redis' or s3://bucket/prefix"),
+    webhook: str | None = Query(default=None, max_length=4096, description="Uploads: webhook URL"),
+    webhook_jobs: bool = Query(default=False, description="Uploads: a job.completed event per image"),
+    batch_id: str | None = Query(default=None, pattern=BATCH_ID_PATTERN, description="Uploads: batch id"),
+    image_key: str = Query(default="image", max_length=128, description="Uploads: the image field"),
+    config: str | None = Query(default=None, max_length=65536, description="Uploads: config as JSON"),
+) -> Any:
+    st = request.app.state
+    settings, client = st.settings, st.client
+    ctype = request.headers.get("content-type")
+    upload = is_ndjson(ctype)
+    if upload:
+        try:
+            cfg_raw = json.loads(config) if config else None
+        except ValueError as exc:
+            raise bad_request(f"config is not JSON: {exc}", "bad-config") from exc
+        req = BatchRequest.model_construct(images=None, source=None, model=model, config=cfg_raw, sink=sink,
+                                           webhook=webhook, webhook_jobs=webhook_jobs, batch_id=batch_id,
+                                           image_key=image_key)
+    elif (ctype or "").split(";")[0].strip().lower() in ("application/json", ""):
+        body = await read_json(request, settings.api_max_body_bytes)
+        try:
+            req = BatchRequest.model_validate(body)
+        except ValidationError as exc:
+            errs = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]}
+                    for e in exc.errors()[:20]]
+            first = errs[0] if errs else {"loc": [], "msg": "invalid"}
+            raise ApiProblem(400, "invalid-request", f"{'.'.join(first['loc'])}: {first['msg']}",
+                             errors=errs) from exc
+        if (req.images is None) == (req.source is None):
+            raise bad_request("give exactly one of images (a list) or source (an s3:// prefix)")
+    else:
+        raise ApiProblem(415, "unsupported-media-type",
+                         "send application/json or a JSONL manifest as application/x-ndjson")
+
+    cfg = chain_config(req.config, key)
+    model_name = req.model or settings.model
+    queue_for(model_name)
+    bid = batch_id_for(key, req.batch_id, idempotency_key)
+    if bid is not None:
+        existing = await run_in_threadpool(status_or_none, client, bid)
+        if existing is not None:
+            if not owns(key, existing):
+                raise ApiProblem(409, "conflict", "this batch_id is not available; choose another")
+            if idempotency_key and existing["state"] != "submitting":
+                response.status_code = 200
+                return accepted(request, bid, replayed=True)
+
+    room = await run_in_threadpool(st.quota.room, key)
+    if room is not None and room <= 0:
+        raise quota_exceeded(request, key, f"key {key.key_id} has {key.max_queued} images queued or "
+                                           "running (its quota); retry later")
+    roots = list(settings.allowed_roots)
+    rows: Any
+    if upload:
+        loop = asyncio.get_running_loop()
+        abort = threading.Event()
+        lines = body_lines(request.stream(), loop, settings.api_max_upload_bytes, abort)
+        rows = capped(checked_rows(manifest_rows(lines, "upload", image_key=req.image_key), roots), room)
+    elif req.images is not None:
+        refs = []
+        for i, ref in enumerate(req.images):
+            try:
+                refs.append(_check_bucket(request, check_ref(ref, roots)))
+            except RefError as exc:
+                raise bad_request(f"images[{i}]: {exc}", "bad-reference") from exc
+        if room is not None and len(refs) > room:
+            raise quota_exceeded(request, key, f"{len(refs)} images would exceed the key's quota "
+                                               f"({room} more may be queued now)")
+        rows = capped((SourceRow(r) for r in refs), room)
+    else:
+        await run_in_threadpool(_check_source, request, req.source)
+        rows = capped(checked_rows(_source_rows(client, req.source, req.image_key), roots), room)
+
+    submit_kw = dict(sink=req.sink, webhook=req.webhook, webhook_jobs=req.webhook_jobs, config=cfg,
+                     batch_id=bid, model=model_name, owner=key.key_id)
+    if bid is None:
+        from scalecap.queue_protocol import new_batch_id
+
+        bid = submit_kw["batch_id"] = new_batch_id()
+    await run_in_threadpool(st.quota.track, key, bid)
+    try:
+        result = await st.submitter.start(rows, wait_all=upload, **submit_kw)
+    except UploadTooLarge as exc:
+        await run_in_threadpool(_cancel_quietly, client, bid)
+        raise too_large(settings.api_max_upload_bytes) from exc
+    except UploadAborted as exc:
+        raise bad_request(f"the upload did not complete ({exc}); retry with the same "
+                          "Idempotency-Key or batch_id to finish it") from exc
+    except (ConfigError, ValueError) as exc:
+        raise bad_request(str(exc)) from exc
+    except Exception as exc:
+        from scalecap.sinks import SinkError
+
+        if isinstance(exc, SinkError):
+            raise bad_request(str(exc), "bad-sink") from exc
+        raise
+    counts = None
+    if result is not None and upload:
+        counts = SubmitCounts(submitted=result.submitted, failed=result.failed, duplicates=result.duplicates)
+    response.headers["Location"] = f"/v1/batches/{bid}"
+    return accepted(request, bid, counts=counts)
+
+
+def _cancel_quietly(client: Any, batch_id: str) -> None:
+    try:
+        client.cancel(batch_id)
+    except BatchNotFound:
+        pass
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+
+@router.get("/batches", response_model=BatchList, summary="The caller's batches, newest first",
+            responses=responses(400, 401, 403))
+def list_batches(
+    request: Request,
+    key: ApiKey = Depends(require("read")),
+    offset: int = Query(default=0, ge=0, le=10_000_000),
+    limit: int = Query(default=50, ge=1, le=500),
+) -> Any:
+    client = request.app.state.client
+    owner = None if key.is_admin else key.key_id
+    items = client.list_batches(owner, offset=offset, limit=limit)
+    total = client.store.count_batches(owner)
+    nxt = offset + limit if offset + limit < total else None
+    return BatchList(items=[BatchStatus.model_validate(i) for i in items], total=total, offset=offset,
+                     limit=limit, next_offset=nxt)
+
+
+@router.get("/batches/{batch_id}", response_model=BatchStatus,
+            summary="Counts, state, timestamps and webhook attempts of one batch",
+            responses=responses(400, 401, 403, 404))
+def get_batch(request: Request, batch_id: str, key: ApiKey = Depends(require("read"))) -> Any:
+    return owned_status(request, key, batch_id)
+
+
+@router.get(
+    "/batches/{batch_id}/results",
+    summary="Every record of the batch as JSONL, each image once",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+                     "description": "One JSON object per line: {image, scalecap_record}"},
+               **responses(400, 401, 403, 404)},
+)
+def get_results(request: Request, batch_id: str, key: ApiKey = Depends(require("read"))) -> Any:
+    owned_status(request, key, batch_id)
+    client = request.app.state.client
+
+    def lines() -> Iterator[bytes]:
+        for row in client.results(batch_id):
+            yield (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.get("/batches/{batch_id}/results/{job_id}", summary="One image's record",
+            response_model=dict[str, Any], responses=responses(400, 401, 403, 404, 409))
+def get_record(request: Request, batch_id: str, job_id: str, key: ApiKey = Depends(require("read"))) -> Any:
+    owned_status(request, key, batch_id)
+    if not _JOB_ID.match(job_id):
+        raise not_found("no such job in this batch")
+    client = request.app.state.client
+    rec = client.record(batch_id, job_id)
+    if rec is not None:
+        return rec
+    job = client.store.job(batch_id, job_id)
+    if job is None:
+        raise not_found("no such job in this batch")
+    raise ApiProblem(409, "not-finished", f"job {job_id} has no record yet (state: {job.get('state')})")
+
+
+@router.get("/batches/{batch_id}/jobs", response_model=JobPage,
+            summary="One page of the batch's jobs: id, image, state, error",
+            responses=responses(400, 401, 403, 404))
+def get_jobs(request: Request, batch_id: str, key: ApiKey = Depends(require("read")),
+             offset: int = Query(default=0, ge=0, le=100_000_000),
+             limit: int = Query(default=100, ge=1, le=1000)) -> Any:
+    st = owned_status(request, key, batch_id)
+    items = request.app.state.client.jobs(batch_id, offset=offset, limit=limit)
+    nxt = offset + limit if offset + limit < int(st.get("total") or 0) else None
+    return JobPage(items=items, offset=offset, limit=limit, next_offset=nxt)
+
+
+@router.get("/batches/{batch_id}/failures", response_model=Failures,
+            summary="Error records and dead letters of the batch", responses=responses(400, 401, 403, 404))
+def get_failures(request: Request, batch_id: str, key: ApiKey = Depends(require("read")),
+                 limit: int = Query(default=1000, ge=1, le=10_000)) -> Any:
+    owned_status(request, key, batch_id)
+    return request.app.state.client.failures(batch_id, limit=limit)
+
+
+@router.post("/batches/{batch_id}/cancel", response_model=BatchStatus,
+             summary="Cancel: queued jobs are not run, running ones finish",
+             responses=responses(400, 401, 403, 404))
+def cancel_batch(request: Request, batch_id: str, key: ApiKey = Depends(require("submit"))) -> Any:
+    owned_status(request, key, batch_id)
+    return request.app.state.client.cancel(batch_id)
+
+
+__all__ = ["batch_id_for", "chain_config", "owned_status", "queue_for", "router"]

@@ -1,0 +1,102 @@
+"""/healthz (the process answers), /readyz (Redis answers and workers hold the model), /metrics.
+
+Workers are seen one of two ways, as the fleet is configured:
+- `SCALECAP_REMOTE_CONTROL` on: Celery's `inspect active_queues` broadcast (1 s timeout), which
+  names the queues each worker consumes;
+- off (Celery ignores broadcasts then): worker heartbeats in Redis (scalecap/worker_presence.py),
+  fresh for 30 s after a worker's last beat.
+Either answer is cached for a few seconds so probes cannot flood the broker.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from producer.api.batches import queue_for
+from producer.api.models import Health, Readiness
+from producer.api.problems import responses
+from scalecap import worker_presence
+
+router = APIRouter(tags=["health"])
+
+CACHE_SECONDS = 5.0
+INSPECT_TIMEOUT = 1.0
+
+
+@router.get("/healthz", response_model=Health, summary="The API process answers")
+def healthz() -> Any:
+    return Health(status="ok")
+
+
+def _remote_control(settings: Any) -> bool:
+    return bool(getattr(settings, "remote_control", True))
+
+
+def _inspect_workers(client: Any, queue: str) -> list[str]:
+    replies = client.app.control.inspect(timeout=INSPECT_TIMEOUT).active_queues() or {}
+    return sorted(node for node, queues in replies.items()
+                  if any(q.get("name") == queue for q in queues or []))
+
+
+def workers_for(request: Request, queue: str) -> tuple[list[str], str]:
+    st = request.app.state
+    signal = "inspect" if _remote_control(st.settings) else "heartbeat"
+    cache: dict[str, tuple[float, list[str]]] = st.ready_cache
+    hit = cache.get(queue)
+    if hit and time.monotonic() - hit[0] < CACHE_SECONDS:
+        return hit[1], signal
+    if signal == "inspect":
+        nodes = _inspect_workers(st.client, queue)
+    else:
+        nodes = worker_presence.seen(st.client.redis, queue)
+    if len(cache) > 256:
+        cache.clear()
+    cache[queue] = (time.monotonic(), nodes)
+    return nodes, signal
+
+
+@router.get("/readyz", response_model=Readiness, summary="Redis reachable and workers seen for the model",
+            responses={503: {"model": Readiness, "description": "Not ready"}, **responses(400)})
+def readyz(request: Request,
+           model: str | None = Query(default=None, max_length=512,
+                                     description="Model to check (default: the server's)")) -> Any:
+    settings = request.app.state.settings
+    model = model or settings.model
+    queue = queue_for(model)
+    try:
+        redis_ok = bool(request.app.state.client.redis.ping())
+    except Exception:
+        redis_ok = False
+    workers: list[str] = []
+    signal = "inspect" if _remote_control(settings) else "heartbeat"
+    detail = None
+    if redis_ok:
+        try:
+            workers, signal = workers_for(request, queue)
+        except Exception as exc:
+            detail = f"cannot ask the workers: {type(exc).__name__}"
+        if not workers and detail is None:
+            detail = f"no worker seen consuming {queue}"
+    else:
+        detail = "Redis does not answer"
+    ready = redis_ok and bool(workers)
+    body = Readiness(status="ready" if ready else "not ready", redis=redis_ok, model=model, queue=queue,
+                     workers=workers, signal=signal, detail=detail)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics of the API and the fleet it sees",
+            response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition format"}})
+def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+__all__ = ["router", "workers_for"]

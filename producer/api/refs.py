@@ -1,0 +1,95 @@
+"""Image references that arrive over HTTP: what the API accepts, and never what it opens.
+
+The API does not read images, directories or manifests named by a caller (FleetClient would
+expand a local directory or manifest path on this host): every reference becomes one job as it
+is, and the workers load it through their own guarded loader. Local paths and file:// URIs are
+accepted only inside `SCALECAP_ALLOWED_ROOTS` (checked lexically and, where the path exists
+here, after resolving symlinks), so a caller cannot name /etc/passwd or walk out with `..`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from urllib.parse import unquote, urlsplit
+
+from producer.sources import SourceRow
+
+MAX_REF_CHARS = 8 * 1024 * 1024
+"""A data: URI may be long; anything longer is refused before it reaches Redis."""
+
+
+class RefError(ValueError):
+    """A reference the API refuses; the message says why."""
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    for root in roots:
+        r = os.path.normpath(os.path.abspath(root))
+        if path == r or path.startswith(r.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _check_local(path: str, roots: Sequence[str], shown: str) -> str:
+    if not roots:
+        raise RefError(f"{shown}: local files are not allowed (no SCALECAP_ALLOWED_ROOTS)")
+    if not os.path.isabs(path):
+        raise RefError(f"{shown}: a local path must be absolute")
+    if "\x00" in path:
+        raise RefError(f"{shown}: invalid path")
+    norm = os.path.normpath(path)
+    if not _under(norm, roots) or (os.path.lexists(norm) and not _under(os.path.realpath(norm),
+                                                                      [os.path.realpath(r) for r in roots])):
+        raise RefError(f"{shown}: outside the allowed roots")
+    return norm
+
+
+def check_ref(ref: object, roots: Sequence[str]) -> str:
+    """The reference to queue, or RefError. http(s)://, s3://, data: and allowed local paths."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise RefError("an image reference must be a non-empty string")
+    ref = ref.strip()
+    if len(ref) > MAX_REF_CHARS:
+        raise RefError(f"reference longer than {MAX_REF_CHARS} characters")
+    shown = ref[:120] + ("..." if len(ref) > 120 else "")
+    low = ref[:16].lower()
+    if low.startswith(("http://", "https://")):
+        parts = urlsplit(ref)
+        if not parts.hostname:
+            raise RefError(f"{shown}: URL without a host")
+        return ref
+    if low.startswith("s3://"):
+        bucket, _, key = ref[5:].partition("/")
+        if not bucket or not key:
+            raise RefError(f"{shown}: an s3:// image needs a bucket and a key")
+        return ref
+    if low.startswith("data:"):
+        if "," not in ref[:512]:
+            raise RefError(f"{shown}: malformed data URI")
+        return ref
+    if low.startswith("file:"):
+        parts = urlsplit(ref)
+        if parts.netloc not in ("", "localhost"):
+            raise RefError(f"{shown}: file:// URIs on another host are not supported")
+        _check_local(unquote(parts.path), roots, shown)
+        return ref
+    if "://" in ref[:32]:
+        raise RefError(f"{shown}: unsupported scheme (use http(s)://, s3://, data: or an allowed path)")
+    return _check_local(ref, roots, shown)
+
+
+def checked_rows(rows: Iterable[SourceRow], roots: Sequence[str]) -> Iterator[SourceRow]:
+    """Rows with every refused reference turned into that row's error (nothing else is lost)."""
+    for row in rows:
+        if row.error:
+            yield row
+            continue
+        try:
+            yield SourceRow(check_ref(row.ref, roots))
+        except RefError as exc:
+            yield SourceRow(ref=row.ref[:1000], error={"stage": "submit", "type": "ImageAccessDenied",
+                                              "message": str(exc)})
+
+
+__all__ = ["MAX_REF_CHARS", "RefError", "check_ref", "checked_rows"]

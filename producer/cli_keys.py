@@ -1,0 +1,58 @@
+"""`scalecap keys create|list|revoke`: API keys of the HTTP API, managed next to Redis.
+
+`create` prints the key once (`key: sk_...`) and its webhook secret (`webhook_secret: whsec_...`),
+one per line, so scripts can read them; only a hash of the key is stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    c = sub.add_parser("create", help="create a key; prints it once, with its webhook secret")
+    c.add_argument("--name", required=True, help="who the key is for, e.g. team-a")
+    c.add_argument("--scopes", default="submit,read",
+                   help="comma separated: submit, read, admin (admin: every batch) (default: submit,read)")
+    c.add_argument("--max-queued", type=int, default=None,
+                   help="most images this key may have queued or running at once (default: no limit)")
+    sub.add_parser("list", help="list keys (id, name, scopes, quota, revoked), never the keys themselves")
+    r = sub.add_parser("revoke", help="revoke a key for good")
+    r.add_argument("key_id", metavar="KEY_ID")
+    for q in sub.choices.values():
+        q.add_argument("--broker-url", default=None, help="Redis URL (env SCALECAP_BROKER_URL)")
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from scalecap.api_keys import KeyStore
+    from scalecap.redis_conn import redis_client
+    from scalecap.settings import Settings
+
+    settings = Settings.from_env(broker_url=args.broker_url)
+    return KeyStore(redis_client(settings.broker_url, settings))
+
+
+def main(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.keys_command == "create":
+        raw, key, secret = store.create(args.name, scopes=args.scopes, max_queued=args.max_queued)
+        print(f"key_id: {key.key_id}")
+        print(f"key: {raw}")
+        print(f"webhook_secret: {secret}")
+        print(f"scopes: {','.join(sorted(key.scopes))}")
+        print("# Store the key now: it is not shown again (only its hash is kept).")
+        return 0
+    if args.keys_command == "list":
+        for key in store.list():
+            print(json.dumps(key.to_dict()))
+        return 0
+    if args.keys_command == "revoke":
+        if not store.revoke(args.key_id):
+            print(f"scalecap keys: no key {args.key_id!r}")
+            return 1
+        print(f"revoked {args.key_id}")
+        return 0
+    return 2
