@@ -48,7 +48,21 @@ class Settings:
     visibility_timeout: int = 3600
     """Seconds before Redis hands an unacknowledged job to another worker (> longest job)."""
     max_attempts: int = 3
-    """Deliveries of one job before it goes to the dead-letter list."""
+    """Attempts charged to one job (its own failures, or a lost run alone) before the dead-letter list."""
+    job_timeout: float = 600.0
+    """Seconds one image may run in a worker before its coroutine is cancelled (a retryable failure)."""
+    chunk_size: int = 16
+    """Images per task message (one claim and one finish script per chunk)."""
+    retention: int = 7 * 24 * 3600
+    """Seconds a finished batch's keys live in Redis (0: keep until `scalecap purge`)."""
+    results_url: str | None = None
+    """A separate Redis for the Redis results sink (default: the broker's)."""
+    max_queued: int = 0
+    """Submit backpressure: above this many images queued for a model the producer waits (0: off)."""
+    reconcile_interval: float = 30.0
+    """Seconds between the I/O worker's reconcile passes (lost messages, expired leases, retention)."""
+    webhook_retry_max_delay: float = 300.0
+    """Longest wait between two attempts of one webhook event (seconds)."""
     s3_endpoint_url: str | None = None
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
@@ -69,6 +83,8 @@ class Settings:
     """Seconds POST /v1/captions waits for its caption before answering 202 with the job to poll."""
     api_retry_after: int = 30
     """Retry-After seconds of a 429 (quota) answer."""
+    session_secret: str | None = None
+    """Signs the viewer's login cookies; unset: a random one per API process (logins end on restart)."""
     allowed_roots: list[str] = field(default_factory=list)
     """Local directories images may be read from by workers and the API (empty: none)."""
     allow_private_urls: bool = False
