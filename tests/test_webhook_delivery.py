@@ -199,7 +199,7 @@ def test_private_address_is_refused_without_sending(webhook_receiver, redis_clie
         sleep=lambda s: pytest.fail("must not retry a refused URL"),
     )
     assert not outcome.delivered and outcome.attempts == 0
-    assert "non-public address 127.0.0.1" in outcome.last_error
+    assert "a loopback address" in outcome.last_error
     assert webhook_receiver.requests == []
     (entry,) = _attempts(redis_client, "refused")
     assert entry["attempt"] == 0 and entry["error"].startswith("refused")
@@ -207,3 +207,55 @@ def test_private_address_is_refused_without_sending(webhook_receiver, redis_clie
         "file:///etc/passwd", _event(), secret="whsec_AAAA", redis_client=None, attempts_key="x"
     )
     assert not bad_scheme.delivered and "http(s)" in bad_scheme.last_error
+
+
+def test_dns_rebinding_is_refused_at_connect_time(webhook_receiver, redis_client, monkeypatch, caplog):
+    """The name resolves to a public address when checked, then to loopback when connecting.
+
+    Only the DNS answers are played (they are what an attacker controls); the receiver is real
+    and must see nothing.
+    """
+    port = int(webhook_receiver.url.split(":")[2].split("/")[0])
+    real = socket.getaddrinfo
+    answers = iter(["93.184.216.34", "127.0.0.1"])
+
+    def rebinding(host, *args, **kwargs):
+        if host == "hooks.rebind.test":
+            addr = next(answers, "127.0.0.1")
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (addr, port))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = f"http://hooks.rebind.test:{port}/hook?token=tok-secret-42"
+    outcome = deliver_event(url, _event(), secret=webhook_receiver.secret, redis_client=redis_client,
+                            attempts_key="rebind", sleep=lambda s: pytest.fail("no retry"))  # fmt: skip
+    assert not outcome.delivered and outcome.attempts == 1
+    assert "refused at connect" in outcome.last_error and "127.0.0.1" in outcome.last_error
+    assert webhook_receiver.requests == []
+    (entry,) = _attempts(redis_client, "rebind")
+    assert entry["error"].startswith("refused at connect")
+    assert "tok-secret-42" not in caplog.text and "/hook?…" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://169.254.169.254/latest/meta-data/", "http://[fd00:ec2::254]/latest/",
+     "http://192.0.0.192/opc/v2/", "http://100.100.100.200/latest/meta-data/",
+     "http://[::ffff:169.254.169.254]/"],
+)  # fmt: skip
+def test_cloud_metadata_is_refused_even_with_private_urls_allowed(url, redis_client):
+    everywhere = ["0.0.0.0/0", "::/0"]
+    outcome = deliver_event(url, _event(), secret="whsec_AAAA", redis_client=redis_client,
+                            attempts_key="meta", allow_private=True, allowed_networks=everywhere)  # fmt: skip
+    assert not outcome.delivered and outcome.attempts == 0
+    assert "cloud metadata address: always refused" in outcome.last_error
+
+
+def test_private_receiver_is_reached_when_allowed(webhook_receiver, redis_client):
+    outcome = deliver_event(webhook_receiver.url, _event(), secret=webhook_receiver.secret,
+                            redis_client=redis_client, attempts_key="ok", allow_private=True)  # fmt: skip
+    assert outcome.delivered and len(webhook_receiver.requests) == 1
+    by_network = deliver_event(webhook_receiver.url, _event(), secret=webhook_receiver.secret,
+                               redis_client=redis_client, attempts_key="ok2",
+                               allowed_networks=["127.0.0.0/8"])  # fmt: skip
+    assert by_network.delivered

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
-import ipaddress
 import json
 import logging
 import random
-import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +22,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from scalecap.netguard import AddressPolicy, AddressRefused, guarded_transport, parse_networks
+from scalecap.redact import redact_text, redact_url
 from scalecap.webhooks import make_headers
 
 log = logging.getLogger(__name__)
@@ -95,28 +95,32 @@ def event_id(event: Mapping[str, Any]) -> str:
     return "msg_" + hashlib.sha256(basis.encode()).hexdigest()[:32]
 
 
-def check_url(url: str, *, allow_private: bool = False) -> None:
-    """Raise WebhookRefused unless `url` is http(s) to a public address (SSRF guard).
+def _policy(allow_private: bool, allowed_networks: Sequence[str]) -> AddressPolicy:
+    return AddressPolicy(allow_private, parse_networks(allowed_networks), "SCALECAP_ALLOW_PRIVATE_URLS")
 
-    Resolution happens again when connecting, so DNS rebinding is not fully excluded; a
-    deployment that needs that should also filter egress at the network level.
+
+def check_url(url: str, *, allow_private: bool = False, allowed_networks: Sequence[str] = ()) -> None:
+    """Raise WebhookRefused unless `url` is http(s) to an allowed address (SSRF guard).
+
+    An early, friendly refusal: the same check runs again on the socket itself when delivering
+    (scalecap.netguard), so a DNS answer that changes in between (rebinding) cannot slip
+    through. Cloud metadata addresses are refused even with `allow_private`.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookRefused(f"not an http(s) URL: {url!r}")
-    if allow_private:
-        return
+    shown = redact_url(url)
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port
+    except ValueError as exc:
+        raise WebhookRefused(f"not a valid URL: {shown}") from exc
+    if parts.scheme not in ("http", "https") or not host:
+        raise WebhookRefused(f"not an http(s) URL: {shown}")
+    try:
+        _policy(allow_private, allowed_networks).vetted_addresses(host, port or 443)
+    except AddressRefused as exc:
+        raise WebhookRefused(str(exc)) from exc
     except (OSError, UnicodeError) as exc:
-        raise WebhookRefused(f"cannot resolve {parts.hostname!r}: {exc}") from exc
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if not addr.is_global or addr.is_multicast:
-            raise WebhookRefused(
-                f"{parts.hostname} resolves to non-public address {addr}; "
-                "pass allow_private=True (SCALECAP_ALLOW_PRIVATE_URLS) to permit it"
-            )
+        raise WebhookRefused(f"cannot resolve {host!r}: {exc}") from exc
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -173,28 +177,33 @@ def deliver_event(
     allow_private: bool = False,
     msg_id: str | None = None,
     rng: random.Random | None = None,
+    allowed_networks: Sequence[str] = (),
 ) -> DeliveryOutcome:
     """POST `event` as signed JSON until a 2xx, a final 4xx or `max_attempts`; never raises.
 
     Retried: 5xx, 408, 429 and network errors/timeouts, after full-jitter exponential backoff or
     the server's Retry-After (capped by `max_delay`). Redirects are not followed (a redirect
-    could point inside the network). Each attempt is appended to the Redis list `attempts_key`
-    as JSON `{type, webhook_id, [job_id,] attempt, at, status, error, duration_ms}`.
+    could point inside the network), and every connection is vetted on the socket, so a host
+    that resolves elsewhere at connect time is refused (final, not retried). Each attempt is
+    appended to the Redis list `attempts_key` as JSON
+    `{type, webhook_id, [job_id,] attempt, at, status, error, duration_ms}`.
     """
     wid = msg_id or event_id(event)
     try:
         body = json.dumps(event, separators=(",", ":"), default=str).encode()
-        check_url(url, allow_private=allow_private)
+        check_url(url, allow_private=allow_private, allowed_networks=allowed_networks)
     except Exception as exc:
         error = f"refused: {exc}"
-        log.warning("webhook %s to %s not sent: %s", wid, url, error)
+        log.warning("webhook %s to %s not sent: %s", wid, redact_url(url), error)
         _record(redis_client, attempts_key, _entry(0, None, error, 0.0, event, wid))
         return DeliveryOutcome(False, 0, None, error, wid)
 
     status: int | None = None
     error: str | None = None
     attempt = 0
-    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+    transport = guarded_transport(_policy(allow_private, allowed_networks))
+    client = httpx.Client(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False)
+    with client:
         while attempt < max(1, max_attempts):
             attempt += 1
             status, error, retry_after = None, None, None
@@ -207,10 +216,14 @@ def deliver_event(
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
                 if not 200 <= status < 300:
                     error = f"HTTP {status}"
+            except AddressRefused as exc:  # resolved elsewhere since check_url: final
+                error = f"refused at connect: {exc}"
+                _record(redis_client, attempts_key, _entry(attempt, None, error, started, event, wid))
+                break
             except httpx.TransportError as exc:
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                error = redact_text(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             except Exception as exc:  # anything else is a bug or bad input: final, not raised
-                error = f"{type(exc).__name__}: {exc}"
+                error = redact_text(f"{type(exc).__name__}: {exc}")
                 _record(redis_client, attempts_key, _entry(attempt, None, error, started, event, wid))
                 break
             _record(redis_client, attempts_key, _entry(attempt, status, error, started, event, wid))
@@ -224,7 +237,7 @@ def deliver_event(
             else:
                 delay = backoff_delay(attempt, base_delay, max_delay, rng)
             sleep(delay)
-    log.warning("webhook %s to %s failed after %d attempt(s): %s", wid, url, attempt, error)
+    log.warning("webhook %s to %s failed after %d attempt(s): %s", wid, redact_url(url), attempt, error)
     return DeliveryOutcome(False, attempt, status, error, wid)
 
 
