@@ -172,6 +172,7 @@ def main(args: argparse.Namespace) -> int:
         worker.start()
     finally:
         stop.set()
+        metrics.stop_heartbeat()
         if runtime is not None:
             runtime.close()
     return int(worker.exitcode or 0)

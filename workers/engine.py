@@ -108,8 +108,8 @@ class EngineRuntime:
     def caption(self, config_json: str | dict[str, Any], ref: str, job_id: str) -> dict[str, Any]:
         """The record of one image; blocks this task thread while the loop runs the chain."""
         chain = self.chain(config_json)
-        # metrics.track: in flight while on the engine's loop; then stage seconds, tokens, errors
         record = self.loop.run(metrics.track(chain.caption(ChainItem(source=ref, ref=ref, job_id=job_id))))
+        metrics.observe_record(record)  # stage seconds, tokens, error type
         from scalecap.shard_refs import attach_source  # a shard member's key and sidecars
 
         return attach_source(record, ref, chain.image_limits)
@@ -125,7 +125,8 @@ class EngineRuntime:
         chain = self.chain(config_json)
 
         async def one(job_id: str, ref: str) -> dict[str, Any]:
-            coro = chain.caption(ChainItem(source=ref, ref=ref, job_id=job_id))
+            # metrics.track: in flight (and the stall check) while on the engine's loop
+            coro = metrics.track(chain.caption(ChainItem(source=ref, ref=ref, job_id=job_id)))
             if not timeout:
                 return await coro
             try:

@@ -36,11 +36,16 @@ STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 JOB_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 IMAGES = Counter(
-    "scalecap_worker_images", "Caption jobs this worker finished, by outcome (done, failed, reused, "
-    "cancelled, dead-lettered, duplicate, ...; error: the task raised)", ["model", "outcome"])
-JOB_SECONDS = Histogram(
-    "scalecap_worker_job_seconds", "Seconds one caption job spent in the worker (bookkeeping, image "
-    "load, chain, sink write), retried deliveries included", ["model"], buckets=JOB_BUCKETS)
+    "scalecap_worker_images", "Images (jobs) of the caption tasks this worker handled, by outcome: done, "
+    "failed (error record), reused, retry (charged failure, queued again), requeue (sink outage, "
+    "not charged), dead (dead-lettered), cancelled, final/busy/skip/quarantined/stale (protocol "
+    "bookkeeping); error: the task raised", ["model", "outcome"])
+TASK_SECONDS = Histogram(
+    "scalecap_worker_task_seconds", "Seconds one caption task (a chunk of up to SCALECAP_CHUNK_SIZE "
+    "images: claim, load, chain, sink writes, finish) spent in the worker", ["model"], buckets=JOB_BUCKETS)
+IMAGE_SECONDS = Histogram(
+    "scalecap_worker_image_seconds", "Seconds one image's chain ran on the engine (returned records)",
+    ["model"], buckets=JOB_BUCKETS)
 STAGE_SECONDS = Histogram(
     "scalecap_worker_stage_seconds", "Seconds per chain stage of one image (record meta.stage_seconds)",
     ["model", "stage"], buckets=STAGE_BUCKETS)
@@ -57,8 +62,9 @@ ENGINE_STARTED = Gauge(
     "scalecap_worker_engine_started_timestamp_seconds", "Unix time the engine finished starting",
     ["model", "backend"])
 RETRIES = Counter(
-    "scalecap_worker_retries", "Task deliveries sent back to the queue for another attempt",
-    ["model", "task", "reason"])
+    "scalecap_worker_retries", "Work sent back to the queue for another attempt: reason retry (an "
+    "image's charged failure) or requeue (sink outage) per image; an exception type when the "
+    "whole task was retried (Redis down)", ["model", "task", "reason"])
 DEAD_LETTERS = Counter(
     "scalecap_worker_dead_letters", "Jobs this worker moved to the dead-letter list", ["model"])
 WEBHOOKS = Counter(
@@ -141,6 +147,7 @@ _health = Health()
 HEARTBEAT_AGE.set_function(lambda: _health.heartbeat_age())
 READY.set_function(lambda: 1.0 if _health.report()["ready"] else 0.0)
 _starts: dict[str, float] = {}
+_beating: Future[None] | None = None
 
 
 def health() -> Health:
@@ -181,20 +188,20 @@ def observe_record(record: dict[str, Any]) -> dict[str, Any]:
 
 
 async def track(chain_call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-    """Await one image's chain on the engine's loop, counting it in flight until it returns.
-
-    It runs on the loop, not in the job thread: an image whose job thread gave up waiting but whose
-    chain still hangs in the engine stays in flight, so the stall check sees it."""
+    """Await one image's chain on the engine's loop, counting it in flight until it returns (or
+    raises, or is cancelled at the job timeout). Only a returned record is progress."""
     IN_FLIGHT.labels(_model).inc()
     _health.image_started()
+    started = time.monotonic()
     completed = False
     try:
         record = await chain_call
         completed = True
+        IMAGE_SECONDS.labels(_model).observe(time.monotonic() - started)
+        return record
     finally:
         IN_FLIGHT.labels(_model).dec()
         _health.image_finished(completed=completed)
-    return observe_record(record)
 
 
 def engine_started(model: str, backend: str, seconds: float) -> None:
@@ -212,8 +219,16 @@ def start_heartbeat(loop: Any, interval: float = 1.0) -> Future[None]:
             _health.beat()
             await asyncio.sleep(interval)
 
+    global _beating
     _health.beat()
-    return loop.submit(heartbeat())
+    _beating = loop.submit(heartbeat())
+    return _beating
+
+
+def stop_heartbeat() -> None:
+    """Before the engine's loop stops (a pending heartbeat would be reported as destroyed)."""
+    if _beating is not None:
+        _beating.cancel()
 
 
 # -- Celery signals -------------------------------------------------------------------------------
@@ -230,11 +245,16 @@ def _postrun(sender: Any = None, task_id: str | None = None, retval: Any = None,
         started = _starts.pop(task_id or "", None)
         if started is None:
             return
-        JOB_SECONDS.labels(_model).observe(time.monotonic() - started)
-        if isinstance(retval, str):
-            IMAGES.labels(_model, retval).inc()
-            if retval == "dead-lettered":
-                DEAD_LETTERS.labels(_model).inc()
+        TASK_SECONDS.labels(_model).observe(time.monotonic() - started)
+        if isinstance(retval, dict):  # workers.jobs.process_chunk: {outcome: images}
+            for outcome, n in retval.items():
+                if not isinstance(n, int) or n <= 0:
+                    continue
+                IMAGES.labels(_model, str(outcome)).inc(n)
+                if outcome == "dead":
+                    DEAD_LETTERS.labels(_model).inc(n)
+                elif outcome in ("retry", "requeue"):
+                    RETRIES.labels(_model, TASK_CAPTION, str(outcome)).inc(n)
         elif state not in ("RETRY", "SUCCESS"):
             IMAGES.labels(_model, "error").inc()
     elif name == TASK_WEBHOOK and state in ("SUCCESS", "FAILURE"):
