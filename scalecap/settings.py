@@ -116,8 +116,9 @@ class Settings:
     """Address the worker's metrics server listens on."""
     heartbeat_max_age: float = 60.0
     """Seconds without a heartbeat from the engine's event loop before /healthz fails."""
-    stall_timeout: float = 1800.0
-    """Seconds with images in flight and none finished before /healthz fails (a hung engine)."""
+    stall_timeout: float = 300.0
+    """Seconds with images in flight and none finished before /healthz fails (a hung engine);
+    below job_timeout (which cancels a hung image, and with it the evidence), above one image's time."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
