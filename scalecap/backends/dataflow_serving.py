@@ -75,34 +75,37 @@ def serving_model_name(serving: Any) -> str:
 def load_serving_class(name: str) -> type:
     """A DataFlow serving class by name ('APIVLMServing_openai') or 'module:Class' path.
 
-    Tries `dataflow.serving` first; when that package cannot import (the light install lacks the
-    dependencies of servings you do not use), loads the one module that defines the class.
+    open-dataflow's VLM servings are loaded from their own module file, without running
+    `dataflow.serving`'s `__init__`: that imports every serving's dependencies (torch, Google API
+    clients...), which the light install lacks and which cost seconds even where present.
     """
     if ":" in name:
         module_name, _, attr = name.partition(":")
-        return getattr(importlib.import_module(module_name), attr)
-    try:
-        return getattr(importlib.import_module("dataflow.serving"), name)
-    except (ImportError, AttributeError) as exc:
-        module_name = KNOWN_SERVINGS.get(name)
-        if module_name is None:
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"cannot load DataFlow serving {name!r}: {exc}") from exc
+    module_name = KNOWN_SERVINGS.get(name)
+    if module_name is None:
+        try:
+            return getattr(importlib.import_module("dataflow.serving"), name)
+        except (ImportError, AttributeError) as exc:
             raise ConfigError(f"unknown DataFlow serving {name!r}: {exc}") from exc
-    if module_name in sys.modules:
-        return getattr(sys.modules[module_name], name)
-    import dataflow
+    if module_name not in sys.modules:
+        import dataflow
 
-    path = Path(dataflow.__file__).parent / "serving" / (module_name.rsplit(".", 1)[1] + ".py")
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"cannot load {module_name} from {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules[module_name]
-        raise
-    return getattr(module, name)
+        path = Path(dataflow.__file__).parent / "serving" / (module_name.rsplit(".", 1)[1] + ".py")
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"cannot load {module_name} from {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception:
+            del sys.modules[module_name]
+            raise
+    return getattr(sys.modules[module_name], name)
 
 
 class DataFlowServingBackend:
@@ -115,9 +118,9 @@ class DataFlowServingBackend:
         self.model_name = model_name or serving_model_name(serving)
         self.owns_serving = owns_serving
         self._pending: list[_Waiting] = []
-        self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._tmp = Path(tempfile.mkdtemp(prefix="scalecap-dataflow-"))
+        weakref.finalize(self, shutil.rmtree, self._tmp, True)
         self._paths: dict[int, str] = {}
         self._paths_lock = threading.Lock()
         self._names = itertools.count()
@@ -153,11 +156,8 @@ class DataFlowServingBackend:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[GenerateResult]] = loop.create_future()
         self._pending.append((list(requests), fut))
-        if self._wake is None:
-            self._wake = asyncio.Event()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._dispatch())
-        self._wake.set()
         return await fut
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
@@ -180,15 +180,13 @@ class DataFlowServingBackend:
     # --- dispatch ------------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        assert self._wake is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch = [(reqs, fut) for reqs, fut in self._pending if not fut.done()]
-                self._pending.clear()
-                if batch:
-                    await self._serve(batch)
+        """Serve what is waiting, one serving call at a time, until nothing is; `generate` starts
+        a new dispatcher when the last one has returned."""
+        while self._pending:
+            batch = [(reqs, fut) for reqs, fut in self._pending if not fut.done()]
+            self._pending.clear()
+            if batch:
+                await self._serve(batch)
 
     async def _serve(self, batch: list[_Waiting]) -> None:
         flat = [r for reqs, _ in batch for r in reqs]
