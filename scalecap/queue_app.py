@@ -51,7 +51,9 @@ def create_app(settings: Settings | None = None, *, name: str = "scalecap") -> C
     from celery import Celery
 
     settings = settings or Settings.from_env()
-    app = Celery(name, broker=settings.broker_url, set_as_current=False)
+    from scalecap.redis_conn import broker_use_ssl, celery_broker_url
+
+    app = Celery(name, broker=celery_broker_url(settings.broker_url), set_as_current=False)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -75,7 +77,10 @@ def create_app(settings: Settings | None = None, *, name: str = "scalecap") -> C
         # Task events (and worker heartbeats, see workers/cli.py) are what Flower shows.
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
-        worker_enable_remote_control=True,
+        # Off unless SCALECAP_REMOTE_CONTROL: anyone who can publish to the broker could
+        # otherwise shut workers down, change rate limits or read their state (docs/security.md).
+        worker_enable_remote_control=settings.remote_control,
+        broker_use_ssl=broker_use_ssl(settings.broker_url, settings),
         broker_heartbeat=0,
     )
     app.conf.scalecap_settings = settings
