@@ -10,12 +10,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from scalecap import failpoints
 from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.errors import ConfigError, ScaleCapError
+from scalecap.netguard import bucket_refusal
 from scalecap.queue_protocol import (
     DEAD_LETTER_KEY,
     IO_QUEUE,
@@ -211,6 +212,10 @@ class FleetClient:
                     on_progress(result.submitted + result.failed + result.duplicates)
 
             for row in expand(source, image_key=image_key, s3_client_factory=self._s3_client):
+                refused = None if row.error else bucket_refusal(row.ref, self.settings.allowed_buckets)
+                if refused:  # the workers would refuse it too: fail it now, with the reason
+                    row = replace(row, error={"stage": "submit", "type": "ImageAccessDenied",
+                                              "message": refused})  # fmt: skip
                 if row.error:
                     jid = fleet_job_id("bad-row:" + row.ref, config_hash, model)
                 else:

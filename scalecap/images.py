@@ -48,6 +48,7 @@ from scalecap.errors import (
 from scalecap.netguard import (
     AddressPolicy,
     AddressRefused,
+    bucket_refusal,
     forbidden_reason,
     guarded_transport,
     parse_networks,
@@ -482,19 +483,11 @@ def _read_capped(resp: Any, limits: ImageLimits, where: str, deadline: float) ->
     return bytes(buf)
 
 
-def s3_bucket_allowed(uri: str, allowed: Sequence[str]) -> bool:
-    """Is `s3://bucket/...` in `allowed` (empty: every bucket)? Also checked by the producer."""
-    if not allowed:
-        return True
-    bucket = uri[5:].partition("/")[0] if uri[:5].lower() == "s3://" else ""
-    return bucket in allowed
-
-
 def _fetch_s3(uri: str, limits: ImageLimits, desc: str) -> bytes:
     bucket, _, key = uri[5:].partition("/")
     if not bucket or not key:
         raise ImageError(f"{desc}: expected s3://bucket/key")
-    if not s3_bucket_allowed(uri, limits.allowed_buckets):
+    if bucket_refusal(uri, limits.allowed_buckets):
         raise ImageAccessDenied(f"{desc}: bucket {bucket!r} is not in allowed_buckets")
     client = limits.s3_client_factory() if limits.s3_client_factory else _default_s3_client()
     return _with_retries(lambda: _fetch_s3_once(client, bucket, key, limits, desc), limits, desc)
