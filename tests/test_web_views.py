@@ -111,7 +111,7 @@ def test_record_view_splits_golden_and_dropped_by_position():
     assert v.stages[0] == ("caption", 0.5, 100.0) and v.stages[1][2] == 50.0
     assert v.total_seconds == 0.75 and v.tokens == {"completion": 4, "prompt": 10}
     assert "stage_seconds" not in v.extra_meta and "job_id" not in v.extra_meta
-    assert v.golden[0].gauge == 85.0
+    assert v.golden[0].gauge == 85.0 and v.scale == 1.0  # prob_diff-like scores: a [-1, 1] gauge
 
 
 def test_thresholds_prefer_the_record_then_the_mode_then_the_config():
@@ -119,8 +119,36 @@ def test_thresholds_prefer_the_record_then_the_mode_then_the_config():
     assert thresholds(yesno, {"tau_sentence": 0.3}) == ("yesno", 0.0, 0.0)
     fb = {"meta": {"golden_fallback": {"threshold": 0.4, "kept_index": 1}}}
     assert thresholds(fb, {"tau_sentence": 0.3})[1] == 0.4
-    assert thresholds({"meta": {"sentence_threshold": 0.2}}, {})[1] == 0.2
+    assert thresholds({"meta": {"threshold": 0.2}}, {"tau_sentence": 0.3})[1:] == (0.2, 0.2)
+    assert thresholds({}, {"tau_sentence": 0.3, "tau_answer": 0.1})[1:] == (0.3, 0.1)
     assert thresholds({}, {}) == ("contrastive", None, None)
+
+
+def test_log_ratio_clause_record_with_pruned_sentence_and_fallbacks():
+    """Clause mode: a golden sentence may be a pruned copy of its sentence; log-ratio scores are
+    nats, so the gauge scales to the record's largest score; -10000 means 'no content word'."""
+    rec = {
+        "sentences": ["A red square, with a unicorn.", "A rainbow.", "Hm."],
+        "sentence_scores": [2.5, -0.7, -10000.0],
+        "clause_scores": [[2.5, -1.2], [-0.7], [-10000.0]],
+        "golden_sentences": ["A red square."],
+        "qa_pairs": [{"question": "q", "answer": "It is red. It flies.", "kept": True, "score": 1.0,
+                      "kept_text": "It is red."}],
+        "meta": {"sentence_filter": "contrastive", "score_mode": "log_ratio", "filter_unit": "clause",
+                 "threshold": 0.0, "scoring_passes": 1},
+    }
+    v = record_view(rec, {})
+    assert [(s.text, s.pruned) for s in v.golden] == [("A red square, with a unicorn.", "A red square.")]
+    assert [s.text for s in v.dropped] == ["A rainbow.", "Hm."] and v.dropped[1].score is None
+    assert v.golden[0].unit_scores == [2.5, -1.2] and v.dropped[0].unit_scores == []
+    assert (v.score_mode, v.filter_unit, v.scale, v.threshold_gauge) == ("log_ratio", "clause", 2.5, 50.0)
+    assert v.golden[0].gauge == 100.0 and v.dropped[0].gauge == 36.0
+    assert v.qa[0].kept_text == "It is red." and v.mode_details == {"scoring passes": 1}
+    whole = record_view({**rec, "golden_sentences": ["A red square, with a unicorn. A rainbow. Hm."],
+                         "sentence_scores": [-1.0, -0.7, -2.0],
+                         "meta": {**rec["meta"], "golden_fallback": {"reason": "no sentence passed the "
+                                  "threshold", "threshold": 0.0, "kept": "caption"}}})
+    assert whole.golden == [] and len(whole.dropped) == 3 and "whole caption" in whole.fallback
 
 
 def test_error_and_old_records_do_not_break_the_view():

@@ -8,6 +8,7 @@ rather than breaking the page.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -74,18 +75,31 @@ def error_types(failed: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
 
 # -- one record --------------------------------------------------------------------------------
 
+NO_CONTENT_BELOW = -1000.0
+"""Scores at or below this are the chain's "no content word" marker, not measurements."""
+
+STAGE_ORDER = ("load", "caption", "golden", "questions", "answers", "second_filter", "fusion")
+"""The chain's stages in the order they run (others, from newer chains, follow)."""
+
+MODE_TEXT = {
+    "yesno": "P(yes) − P(no) when the model is asked whether the text is true of the image",
+    "log_ratio": "the largest log p(word | image) − log p(word | no image) over its content words (nats)",
+    "logit_diff": "the largest logit(word | image) − logit(word | no image) over its content words",
+    "prob_diff": "the largest p(word | image) − p(word | no image) over its content words",
+}
+
 
 @dataclass
 class Scored:
     text: str
     score: float | None
     kept: bool
+    gauge: float = 50.0
+    """Position of the score on the record's symmetric scale, in percent (50 = zero)."""
+    pruned: str = ""
+    """In clause mode: what survived of a kept sentence when some of its clauses failed."""
+    unit_scores: list[float | None] = field(default_factory=list)
     note: str = ""
-
-    @property
-    def gauge(self) -> float:
-        """Position of the score on a [-1, 1] gauge, in percent (50 = zero)."""
-        return gauge(self.score)
 
 
 @dataclass
@@ -96,10 +110,7 @@ class QA:
     answer: str
     kept: bool
     score: float | None
-
-    @property
-    def gauge(self) -> float:
-        return gauge(self.score)
+    kept_text: str = ""
 
 
 @dataclass
@@ -111,8 +122,14 @@ class RecordView:
     golden: list[Scored] = field(default_factory=list)
     dropped: list[Scored] = field(default_factory=list)
     sentence_mode: str = "contrastive"
+    score_mode: str = ""
+    score_text: str = ""
+    filter_unit: str = ""
     sentence_threshold: float | None = None
     answer_threshold: float | None = None
+    scale: float = 1.0
+    """Half-width of the score gauges: 1 for probabilities, else the record's largest |score|."""
+    threshold_gauge: float = 50.0
     second_filter: bool = False
     fallback: str = ""
     qa: list[QA] = field(default_factory=list)
@@ -127,51 +144,92 @@ class RecordView:
     extra_meta: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None
     mode_details: dict[str, Any] = field(default_factory=dict)
-    """Other rating settings the config or record carries (score_mode, filter_unit, ...)."""
+    """Other rating settings the record or config carries (scoring passes, ...)."""
 
 
-def gauge(score: float | None) -> float:
-    if score is None or not math.isfinite(score):
+def gauge(score: float | None, scale: float = 1.0) -> float:
+    """Where `score` sits on a [-scale, scale] gauge, in percent (50 = zero)."""
+    if score is None or not math.isfinite(score) or scale <= 0:
         return 50.0
-    return round(50.0 + 50.0 * max(-1.0, min(1.0, float(score))), 2)
+    return round(50.0 + 50.0 * max(-1.0, min(1.0, float(score) / scale)), 2)
 
 
 def _num(v: Any) -> float | None:
     if isinstance(v, dict):
         v = v.get("score")
+    if isinstance(v, bool):
+        return None
     try:
         f = float(v)
     except (TypeError, ValueError):
         return None
-    return f if math.isfinite(f) else None
+    return f if math.isfinite(f) and f > NO_CONTENT_BELOW else None
 
 
-_MODE_FIELDS = ("score_mode", "filter_unit", "score_aggregate", "answer_filter")
+def _default_threshold(score_mode: str | None) -> float | None:
+    try:
+        from scalecap.rating import DEFAULT_THRESHOLD
+    except ImportError:  # an older core without score modes
+        return None
+    return DEFAULT_THRESHOLD.get(score_mode or "")
 
 
 def thresholds(record: dict[str, Any], config: dict[str, Any]) -> tuple[str, float | None, float | None]:
-    """(sentence mode, sentence threshold, answer threshold) as the chain applied them.
+    """(sentence filter, sentence threshold, answer threshold) as the chain applied them.
 
-    A threshold written in the record wins; else the one the config implies (yes/no mode
-    compares P(yes) - P(no) with 0; contrastive mode uses tau_sentence / tau_answer).
+    A threshold written in the record wins; else what the config implies (yes/no compares
+    P(yes) - P(no) with 0; contrastive uses tau_sentence, or its score mode's default).
     """
     meta = record.get("meta") or {}
     mode = str(meta.get("sentence_filter") or config.get("sentence_filter") or "contrastive")
     fb = meta.get("golden_fallback") if isinstance(meta.get("golden_fallback"), dict) else {}
-    sentence = _num(meta.get("sentence_threshold"))
+    sentence = next((t for t in (_num(meta.get("threshold")), _num(meta.get("sentence_threshold")),
+                                 _num(fb.get("threshold"))) if t is not None), None)
     if sentence is None:
-        sentence = _num(fb.get("threshold"))
-    if sentence is None:
-        sentence = 0.0 if mode == "yesno" else _num(config.get("tau_sentence"))
+        if mode == "yesno":
+            sentence = 0.0
+        else:
+            sentence = _num(config.get("tau_sentence"))
+            if sentence is None and ("score_mode" in config or "score_mode" in meta):
+                sentence = _default_threshold(meta.get("score_mode") or config.get("score_mode"))
     answer = _num(meta.get("answer_threshold"))
     if answer is None:
-        if mode == "yesno":
-            answer = 0.0
-        else:
-            answer = _num(config.get("tau_answer"))
-            if answer is None:
-                answer = _num(config.get("tau_sentence"))
+        answer = 0.0 if mode == "yesno" else _num(config.get("tau_answer"))
+    if answer is None:
+        answer = sentence
     return mode, sentence, answer
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"\w+", text.lower())}
+
+
+def _kept_flags(sentences: list[str], scores: list[float | None], golden: list[str],
+                threshold: float | None, raw: list[Any]) -> tuple[list[bool], list[str]]:
+    """Which sentences the filter kept, and what each kept one became (pruned in clause mode).
+
+    Records do not store a per-sentence flag: it is the score against the threshold, checked
+    against the golden list (same count, same order); otherwise golden texts are matched to
+    sentences in order by their words."""
+    n = len(sentences)
+    if all(isinstance(r, dict) and "kept" in r for r in raw[:n]) and len(raw) >= n:
+        flags = [bool(r["kept"]) for r in raw[:n]]
+    elif threshold is not None and all(s is not None for s in scores[:n]) and len(scores) >= n and \
+            sum(1 for s in scores[:n] if s is not None and s > threshold) == len(golden):
+        flags = [s is not None and s > threshold for s in scores[:n]]
+    else:
+        flags, g = [], 0
+        for s in sentences:
+            words = _words(golden[g]) if g < len(golden) else set()
+            hit = g < len(golden) and (golden[g] == s or bool(words and words <= _words(s)))
+            flags.append(bool(hit))
+            g += bool(hit)
+    kept_texts, g = [], 0
+    for s, f in zip(sentences, flags, strict=True):
+        text = golden[g] if f and g < len(golden) else ""
+        g += f
+        kept_texts.append(text if text and text != s else "")
+    return flags, kept_texts
 
 
 def record_view(record: dict[str, Any], config: dict[str, Any] | None = None) -> RecordView:
@@ -182,51 +240,79 @@ def record_view(record: dict[str, Any], config: dict[str, Any] | None = None) ->
     v.final_caption = str(record.get("final_caption") or "")
     v.init_caption = str(record.get("init_caption") or "")
     v.sentence_mode, v.sentence_threshold, v.answer_threshold = thresholds(record, config)
+    if v.sentence_mode == "yesno":
+        v.score_mode = "yesno"
+    else:
+        v.score_mode = str(meta.get("score_mode") or config.get("score_mode") or "prob_diff")
+        v.filter_unit = str(meta.get("filter_unit") or config.get("filter_unit") or "sentence")
+    v.score_text = MODE_TEXT.get(v.score_mode, "the rating of the chain's score mode")
+    if "scoring_passes" in meta:
+        v.mode_details["scoring passes"] = meta["scoring_passes"]
     v.second_filter = bool(config.get("second_filter")) or any(
-        "score" in p for p in record.get("qa_pairs") or [] if isinstance(p, dict)
-    )
-    v.mode_details = {k: config.get(k, meta.get(k)) for k in _MODE_FIELDS if config.get(k, meta.get(k))}
+        isinstance(p, dict) and "score" in p for p in record.get("qa_pairs") or [])
 
-    sentences = list(record.get("sentences") or [])
-    scores = list(record.get("sentence_scores") or [])
-    golden_left = Counter(record.get("golden_sentences") or [])
+    sentences = [str(s) for s in record.get("sentences") or []]
+    raw_scores = list(record.get("sentence_scores") or [])
+    scores = [_num(x) for x in raw_scores]
+    golden = [str(g) for g in record.get("golden_sentences") or []]
+    units = record.get("clause_scores") or []
     fb = meta.get("golden_fallback") if isinstance(meta.get("golden_fallback"), dict) else None
+    qa_scores = [_num(p.get("score")) for p in record.get("qa_pairs") or [] if isinstance(p, dict)]
+    known = [abs(x) for x in [*scores, *qa_scores, v.sentence_threshold, v.answer_threshold] if x is not None]
+    v.scale = 1.0 if v.score_mode in ("prob_diff", "yesno") else max([1.0, *known])
+    v.threshold_gauge = gauge(v.sentence_threshold, v.scale)
+
     if fb:
-        v.fallback = str(fb.get("reason") or "no sentence passed the threshold")
+        kept = fb.get("kept")
+        v.fallback = str(fb.get("reason") or "no sentence passed the threshold") + (
+            ": the whole caption was kept as the golden text" if kept == "caption" else
+            ": the best-scoring sentence was kept" if kept == "best" or "kept_index" in fb else "")
+        flags = [i == fb.get("kept_index") for i in range(len(sentences))]
+        pruned = [""] * len(sentences)
+    else:
+        flags, pruned = _kept_flags(sentences, scores, golden, v.sentence_threshold, raw_scores)
     for i, s in enumerate(sentences):
-        raw = scores[i] if i < len(scores) else None
-        score = _num(raw)
-        kept = bool(raw["kept"]) if isinstance(raw, dict) and "kept" in raw else golden_left[s] > 0
-        if kept and golden_left[s] > 0:
-            golden_left[s] -= 1
-        note = "kept as the best of none" if fb and fb.get("kept_index") == i else ""
-        (v.golden if kept else v.dropped).append(Scored(s, score, kept, note))
+        score = scores[i] if i < len(scores) else None
+        unit = units[i] if i < len(units) and isinstance(units[i], list) else []
+        item = Scored(s, score, flags[i], gauge(score, v.scale), pruned[i],
+                      [_num(u) for u in unit] if len(unit) > 1 else [])
+        if fb and flags[i]:
+            item.note = "kept as the best of none"
+        (v.golden if item.kept else v.dropped).append(item)
     if not sentences:  # an older record: golden sentences only
-        v.golden = [Scored(s, None, True) for s in record.get("golden_sentences") or []]
+        v.golden = [Scored(g, None, True) for g in golden]
 
     n_obj = len(record.get("object_questions") or [])
     for i, p in enumerate(record.get("qa_pairs") or []):
         if not isinstance(p, dict):
             continue
-        v.qa.append(QA("object" if i < n_obj else "position", str(p.get("question") or ""),
-                       str(p.get("answer") or ""), bool(p.get("kept", True)), _num(p.get("score"))))
+        answer = str(p.get("answer") or "")
+        kept_text = str(p.get("kept_text") or "")
+        v.qa.append(QA("object" if i < n_obj else "position", str(p.get("question") or ""), answer,
+                       bool(p.get("kept", True)), _num(p.get("score")),
+                       kept_text if kept_text and kept_text != answer else ""))
     v.object_summary = str(record.get("object_summary") or "")
     v.position_summary = str(record.get("position_summary") or "")
 
-    stage_seconds = {k: float(s) for k, s in (meta.pop("stage_seconds", None) or {}).items()
+    stage_seconds = {str(k): float(s) for k, s in (meta.pop("stage_seconds", None) or {}).items()
                      if _num(s) is not None}
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
+    stage_seconds = dict(sorted(stage_seconds.items(), key=lambda kv: order.get(kv[0], len(order))))
     slowest = max(stage_seconds.values(), default=0.0)
     v.stages = [(k, s, round(100.0 * s / slowest, 1) if slowest > 0 else 0.0)
                 for k, s in stage_seconds.items()]
     v.total_seconds = sum(stage_seconds.values())
     tokens = meta.pop("tokens", None) or {}
-    v.tokens = {str(k): int(n) for k, n in tokens.items() if _num(n) is not None}
+    v.tokens = {str(k): int(n) for k, n in sorted(tokens.items(), key=lambda kv: kv[0] != "prompt")
+                if _num(n) is not None}
     v.config_hash = str(meta.pop("config_hash", "") or "")
     v.model = str(meta.pop("model", "") or "")
-    for k in ("job_id", "sentence_filter", "golden_fallback", *_MODE_FIELDS):
+    for k in ("job_id", "sentence_filter", "golden_fallback", "score_mode", "filter_unit", "threshold",
+              "sentence_threshold", "answer_threshold", "scoring_passes"):
         meta.pop(k, None)
     v.extra_meta = meta
     return v
 
 
-__all__ = ["QA", "RecordView", "Scored", "error_types", "gauge", "progress", "record_view", "throughput"]
+__all__ = ["QA", "RecordView", "Scored", "error_types", "gauge", "progress", "record_view", "thresholds",
+           "throughput"]
