@@ -19,4 +19,5 @@ pytest_plugins = [
     "tests.fixtures_services",
     "tests.fixtures_openai",
     "tests.fleet_support",
+    "tests.api_support",
 ]
