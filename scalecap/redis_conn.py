@@ -37,7 +37,7 @@ def ssl_options(url: str, settings: Any = None) -> dict[str, Any]:
             from scalecap.errors import ConfigError
 
             raise ConfigError(f"ssl_cert_reqs must be required, optional or none, not {reqs!r}")
-        opts["ssl_cert_reqs"] = _CERT_REQS.get(reqs) or getattr(ssl, reqs.upper())
+        opts["ssl_cert_reqs"] = _CERT_REQS[reqs] if reqs in _CERT_REQS else getattr(ssl, reqs.upper())
     ca = query.get("ssl_ca_certs") or (getattr(settings, "redis_ca_cert", None) if settings else None)
     if ca:
         opts["ssl_ca_certs"] = ca
