@@ -4,13 +4,19 @@ Both paths run on the same freshly started redis-server, with a worker of the sa
 settings (thread pool, late acks, prefetch 1, JSON) and the same number of threads:
   fleet: `scalecap worker` on the scripted VLM with zero delay, so everything measured is queue
          protocol, batch bookkeeping (Lua), image loading, the chain's Python and the Redis sink;
+         each task message carries K images (chunked messages); measured at the default K and
+         at K = 1;
   bare:  a Celery worker whose task does nothing but INCR one counter (the completion signal).
-A third figure, the chain alone in one process on the same scripted VLM (no queue), shows how
-much of the fleet's per-job cost is the chain's own Python rather than the queue.
+A further figure, the chain alone in one process on the same scripted VLM (no queue), shows how
+much of the fleet's per-image cost is the chain's own Python rather than the queue.
 Each run publishes all jobs with the same batched publishing and ends when the last one is done;
-a warm-up batch runs first on each path and is not measured. Redis commands per job come from
+a warm-up batch runs first on each path and is not measured. Redis commands per image come from
 the INFO commandstats delta over the measured window (scripts' inner commands included; the
-benchmark's own completion polling is subtracted).
+benchmark's own polling subtracted). Redis server CPU per image is the INFO commandstats `usec`
+summed over every command in the window (an upper bound: a script's inner commands are counted
+inside its EVALSHA and again on their own), and, for comparison, the server process's whole CPU
+time (user + sys, network included) from INFO cpu.
+Targets (issue 6): <= 14 commands and <= 100 us of Redis CPU per image, fleet >= 0.9x bare.
 
     python -m bench.queue_overhead --jobs 1000 --concurrency 8 --output-json out.json
 """
@@ -27,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,59 +128,92 @@ def serve_noop(broker_url: str, concurrency: int) -> int:
 # --- measurement -----------------------------------------------------------------------------
 
 
-def commandstats(r: Any) -> dict[str, int]:
-    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in r.info("commandstats").items()}
+def commandstats(r: Any) -> dict[str, dict[str, int]]:
+    return {k.removeprefix("cmdstat_"): {"calls": int(v["calls"]), "usec": int(v["usec"])}
+            for k, v in r.info("commandstats").items()}
 
 
-def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0) > 0}
+def server_cpu_usec(r: Any) -> float:
+    cpu = r.info("cpu")
+    return (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])) * 1e6
 
 
-def run_bare(app: Any, r: Any, n: int, tag: str) -> tuple[float, dict[str, int], int]:
-    r.delete(BARE_COUNTER)
-    before = commandstats(r)
-    polls = 0
+def _delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, int]:
+    out = {}
+    for k, v in after.items():
+        d = v["calls"] - before.get(k, {}).get("calls", 0)
+        if d > 0:
+            out[k] = d
+    return out
+
+
+def usec_total(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> int:
+    """Microseconds of command time over the window, from INFO commandstats: every command's
+    usec delta summed. A script's EVALSHA usec already covers the commands it calls, which are
+    listed again on their own, so this counts script work twice: an upper bound."""
+    return sum(v["usec"] - before.get(k, {}).get("usec", 0) for k, v in after.items())
+
+
+@dataclass
+class Run:
+    """One measured run: wall seconds, Redis command calls by name, command usec, server CPU usec."""
+
+    seconds: float
+    calls: dict[str, int]
+    usec: float
+    cpu_usec: float
+
+
+def _measure(r: Any, start: Any, done: Any, poll_cmd: str) -> Run:
+    before, cpu0 = commandstats(r), server_cpu_usec(r)
     t0 = time.perf_counter()
-    with app.producer_or_acquire() as producer, producer.batch(501) as batch:
-        for i in range(n):
-            app.send_task(BARE_TASK, args=[{"batch_id": tag, "job_id": str(i), "ref": f"/x/{i}"}],
-                          queue=BARE_QUEUE, producer=producer)
-            if i % 500 == 499:
-                batch.flush()
-    while int(r.get(BARE_COUNTER) or 0) < n:
+    start()
+    polls = 0
+    while not done():
         polls += 1
         time.sleep(0.02)
     seconds = time.perf_counter() - t0
-    d = _delta(before, commandstats(r))
-    d["get"] = d.get("get", 0) - polls - 1
-    d["info"] = 0
-    return seconds, d, polls
+    after, cpu1 = commandstats(r), server_cpu_usec(r)
+    calls = _delta(before, after)
+    calls[poll_cmd] = calls.get(poll_cmd, 0) - polls - 1  # the benchmark's own polling
+    calls.pop("info", None)
+    a, b = after.get(poll_cmd, {}), before.get(poll_cmd, {})
+    poll_calls = a.get("calls", 0) - b.get("calls", 0)
+    poll_usec = (a.get("usec", 0) - b.get("usec", 0)) * min(1.0, (polls + 1) / max(1, poll_calls))
+    info_usec = after.get("info", {}).get("usec", 0) - before.get("info", {}).get("usec", 0)
+    usec = usec_total(before, after) - poll_usec - info_usec
+    return Run(seconds, {k: v for k, v in calls.items() if v > 0}, usec, cpu1 - cpu0)
 
 
-Run = tuple[float, dict[str, int], int]
-"""(seconds, Redis command deltas, completion polls) of one measured run."""
+def run_bare(app: Any, r: Any, n: int, tag: str) -> Run:
+    r.delete(BARE_COUNTER)
+
+    def start() -> None:
+        with app.producer_or_acquire() as producer, producer.batch(501) as batch:
+            for i in range(n):
+                app.send_task(BARE_TASK, args=[{"batch_id": tag, "job_id": str(i), "ref": f"/x/{i}"}],
+                              queue=BARE_QUEUE, producer=producer)
+                if i % 500 == 499:
+                    batch.flush()
+
+    return _measure(r, start, lambda: int(r.get(BARE_COUNTER) or 0) >= n, "get")
 
 
-def run_fleet(client: Any, r: Any, refs: list[str], extra: dict[str, Any]) -> Run:
+def run_fleet(client: Any, r: Any, refs: list[str], extra: dict[str, Any], k: int) -> Run:
     from scalecap.queue_protocol import batch_key
 
-    before = commandstats(r)
-    polls = 0
-    t0 = time.perf_counter()
-    sub = client.submit(refs, sink="redis", model="scripted", config={"extra": extra})
-    key = batch_key(sub.batch_id)
-    while not r.hget(key, "finished_at"):
-        polls += 1
-        time.sleep(0.02)
-    seconds = time.perf_counter() - t0
-    st = client.status(sub.batch_id)
+    box: dict[str, str] = {}
+
+    def start() -> None:
+        sub = client.submit(refs, sink="redis", model="scripted", config={"extra": extra}, chunk_size=k)
+        box["key"] = batch_key(sub.batch_id)
+        box["id"] = sub.batch_id
+
+    run = _measure(r, start, lambda: r.hget(box["key"], "finished_at"), "hget")
+    st = client.status(box["id"])
     if st["done"] != len(refs):
         raise SystemExit(f"fleet run incomplete: {st}")
-    d = _delta(before, commandstats(r))
-    d["hget"] = d.get("hget", 0) - polls - 1
-    for k in ("info", "hgetall", "lrange"):  # our status() call
-        d[k] = 0
-    return seconds, d, polls
+    return run
 
 
 def run_chain_alone(refs: list[str], roots: list[str], concurrency: int) -> float:
@@ -205,7 +245,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1000, help="jobs per measured run")
     p.add_argument("--repeats", type=int, default=2, help="measured runs per path (median reported)")
     p.add_argument("--warmup-jobs", type=int, default=100)
-    p.add_argument("--concurrency", type=int, default=8, help="worker threads (both paths)")
+    p.add_argument("--concurrency", type=int, default=8, help="worker threads (every path)")
+    p.add_argument("--chunk-size", type=int, default=16,
+                   help="images per task message of the fleet path (K = 1 is measured too)")
     p.add_argument("--output-json", default=None)
     p.add_argument("--serve-noop", default=None, metavar="BROKER_URL", help=argparse.SUPPRESS)
 
@@ -246,15 +288,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         bare = [run_bare(app, r, args.jobs, f"run{i}") for i in range(args.repeats)]
         stop(bare_proc)
 
-        fleet_proc = start_worker(
-            ["-m", "producer.cli", "worker", "--backend", "tests.scripted_vlm:ScriptedVLM",
-             "--model", "scripted", "--concurrency", str(args.concurrency), "--loglevel", "INFO",
-             "--hostname", "bench-fleet@%h"], env, tmp / "fleet.log")
-        procs.append(fleet_proc)
         client = FleetClient(settings)
-        run_fleet(client, r, refs[: args.warmup_jobs], {"bench": "warmup"})
-        fleet = [run_fleet(client, r, refs, {"bench": i}) for i in range(args.repeats)]
-        stop(fleet_proc)
+        fleet: dict[int, list[Run]] = {}
+        for k in sorted({args.chunk_size, 1}, reverse=True):
+            # Same job threads as the bare worker: each holds one message of k images.
+            fleet_proc = start_worker(
+                ["-m", "producer.cli", "worker", "--backend", "tests.scripted_vlm:ScriptedVLM",
+                 "--model", "scripted", "--concurrency", str(args.concurrency * k), "--loglevel", "INFO",
+                 "--hostname", f"bench-fleet-k{k}@%h"],
+                {**env, "SCALECAP_CHUNK_SIZE": str(k)}, tmp / f"fleet-k{k}.log")
+            procs.append(fleet_proc)
+            run_fleet(client, r, refs[: args.warmup_jobs], {"bench": f"warmup-{k}"}, k)
+            fleet[k] = [run_fleet(client, r, refs, {"bench": f"{k}-{i}"}, k) for i in range(args.repeats)]
+            stop(fleet_proc)
         chain_alone = [run_chain_alone(refs, [str(tmp)], args.concurrency) for _ in range(args.repeats)]
     finally:
         for p in procs:
@@ -263,31 +309,42 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         redis_proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def rate(runs: list[tuple[float, dict[str, int], int]]) -> list[float]:
-        return [args.jobs / s for s, _, _ in runs]
+    n = args.jobs
 
-    def per_job(runs: list[tuple[float, dict[str, int], int]]) -> float:
-        return statistics.median(sum(d.values()) / args.jobs for _, d, _ in runs)
+    def med(runs: list[Run], f: Any) -> float:
+        return statistics.median(f(x) for x in runs)
 
-    fleet_rates, bare_rates = rate(fleet), rate(bare)
-    top = sorted(fleet[-1][1].items(), key=lambda kv: -kv[1])[:10]
-    result = {
-        "jobs_per_run": args.jobs,
+    def path(runs: list[Run]) -> dict[str, Any]:
+        return {
+            "images_per_s": round(med(runs, lambda x: n / x.seconds), 1),
+            "runs_images_per_s": [round(n / x.seconds, 1) for x in runs],
+            "redis_commands_per_image": round(med(runs, lambda x: sum(x.calls.values()) / n), 2),
+            "redis_commandstats_usec_per_image": round(med(runs, lambda x: x.usec / n), 1),
+            "redis_server_cpu_usec_per_image": round(med(runs, lambda x: x.cpu_usec / n), 1),
+            "commands_per_image_top": {
+                c: round(v / n, 2) for c, v in sorted(runs[-1].calls.items(), key=lambda kv: -kv[1])[:10]
+            },
+        }
+
+    bare_p = path(bare)
+    result: dict[str, Any] = {
+        "jobs_per_run": n,
         "repeats": args.repeats,
         "warmup_jobs": args.warmup_jobs,
         "worker_threads": args.concurrency,
-        "fleet_jobs_per_s": round(statistics.median(fleet_rates), 1),
-        "bare_celery_jobs_per_s": round(statistics.median(bare_rates), 1),
-        "fleet_runs_jobs_per_s": [round(x, 1) for x in fleet_rates],
-        "bare_runs_jobs_per_s": [round(x, 1) for x in bare_rates],
-        "fleet_vs_bare_ratio": round(statistics.median(fleet_rates) / statistics.median(bare_rates), 3),
+        "chunk_size": args.chunk_size,
+        "bare": bare_p,
+        "fleet": {str(k): path(runs) for k, runs in fleet.items()},
         "chain_alone_images_per_s": round(statistics.median(chain_alone), 1),
-        "fleet_vs_chain_alone_ratio": round(
-            statistics.median(fleet_rates) / statistics.median(chain_alone), 3
-        ),
-        "redis_commands_per_job_fleet": round(per_job(fleet), 1),
-        "redis_commands_per_job_bare": round(per_job(bare), 1),
-        "fleet_commands_per_job_top": {k: round(v / args.jobs, 2) for k, v in top},
+    }
+    for p in result["fleet"].values():
+        p["vs_bare_ratio"] = round(p["images_per_s"] / bare_p["images_per_s"], 3)
+        p["vs_chain_alone_ratio"] = round(p["images_per_s"] / result["chain_alone_images_per_s"], 3)
+    main_p = result["fleet"][str(args.chunk_size)]
+    result["targets_met"] = {
+        "commands_per_image_le_14": main_p["redis_commands_per_image"] <= 14,
+        "redis_usec_per_image_le_100": main_p["redis_commandstats_usec_per_image"] <= 100,
+        "fleet_ge_0_9_bare": main_p["vs_bare_ratio"] >= 0.9,
     }
     print_result(result)
     write_json(args.output_json, result)
@@ -295,22 +352,29 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_result(r: dict[str, Any]) -> None:
-    rows = [
+    rows: list[tuple[str, Any]] = [
         ("Jobs per run / repeats / warmup jobs",
          f"{r['jobs_per_run']} / {r['repeats']} / {r['warmup_jobs']}"),
-        ("Worker threads (both paths)", r["worker_threads"]),
-        ("Fleet path, scripted VLM (jobs/s)", r["fleet_jobs_per_s"]),
-        ("Bare Celery no-op (jobs/s)", r["bare_celery_jobs_per_s"]),
-        ("Fleet / bare throughput (ratio)", r["fleet_vs_bare_ratio"]),
+        ("Worker threads (all paths)", r["worker_threads"]),
+        ("Bare Celery no-op (tasks/s)", r["bare"]["images_per_s"]),
+        ("Redis commands per task, bare (cmds)", r["bare"]["redis_commands_per_image"]),
+        ("Redis usec per task, bare (us)", r["bare"]["redis_commandstats_usec_per_image"]),
         ("Chain alone in process, no queue (img/s)", r["chain_alone_images_per_s"]),
-        ("Fleet / chain alone throughput (ratio)", r["fleet_vs_chain_alone_ratio"]),
-        ("Redis commands per job, fleet (cmds)", r["redis_commands_per_job_fleet"]),
-        ("Redis commands per job, bare (cmds)", r["redis_commands_per_job_bare"]),
     ]
-    top = ["Fleet Redis commands per job, by command (cmds)"] + [
-        f"  {name:<42}{v:>20}" for name, v in r["fleet_commands_per_job_top"].items()
-    ]
-    print_table("ScaleCap queue overhead (fleet vs bare Celery)", rows, extra=top)
+    extra: list[str] = []
+    for k, p in sorted(r["fleet"].items(), key=lambda kv: -int(kv[0])):
+        rows += [
+            (f"Fleet K={k}, scripted VLM (img/s)", p["images_per_s"]),
+            (f"Fleet K={k} / bare throughput (ratio)", p["vs_bare_ratio"]),
+            (f"Fleet K={k} / chain alone (ratio)", p["vs_chain_alone_ratio"]),
+            (f"Redis commands per image, K={k} (cmds)", p["redis_commands_per_image"]),
+            (f"Redis usec per image, K={k} (us)", p["redis_commandstats_usec_per_image"]),
+            (f"Redis process CPU per image, K={k} (us)", p["redis_server_cpu_usec_per_image"]),
+        ]
+        extra.append(f"Fleet K={k} Redis commands per image, by command (cmds)")
+        extra += [f"  {name:<42}{v:>20}" for name, v in p["commands_per_image_top"].items()]
+    rows += [(f"Target met: {name}", "yes" if ok else "NO") for name, ok in r["targets_met"].items()]
+    print_table("ScaleCap queue overhead (fleet vs bare Celery)", rows, extra=extra)
 
 
 if __name__ == "__main__":

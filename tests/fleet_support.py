@@ -119,6 +119,11 @@ class Fleet:
             "SCALECAP_ALLOWED_ROOTS": str(tmp),
             "SCALECAP_ALLOW_PRIVATE_URLS": "1",
             "SCALECAP_TEST_VLM_LOG": str(self.vlm_log),
+            # Small chunks so a few images still spread over workers; quick repair and retries.
+            "SCALECAP_CHUNK_SIZE": "2",
+            "SCALECAP_JOB_TIMEOUT": "60",
+            "SCALECAP_RECONCILE_INTERVAL": "1",
+            "SCALECAP_WEBHOOK_RETRY_MAX_DELAY": "2",
             **(env or {}),
         }
 

@@ -38,7 +38,11 @@ def test_queue_overhead_bench_runs(tmp_path):
     r = run_bench("bench.queue_overhead", "--jobs", "40", "--repeats", "1", "--warmup-jobs", "5",
                   "--concurrency", "2", "--output-json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Fleet / bare throughput (ratio)" in r.stdout
+    assert "Fleet K=16 / bare throughput (ratio)" in r.stdout and "Fleet K=1, scripted VLM" in r.stdout
     res = json.loads(out.read_text())
-    assert res["fleet_jobs_per_s"] > 0 and res["bare_celery_jobs_per_s"] > 0
-    assert res["redis_commands_per_job_fleet"] > res["redis_commands_per_job_bare"] > 0
+    assert res["bare"]["images_per_s"] > 0 and res["fleet"]["16"]["images_per_s"] > 0
+    k1, k16 = res["fleet"]["1"], res["fleet"]["16"]
+    assert k1["redis_commands_per_image"] > k16["redis_commands_per_image"] > 0  # chunks save commands
+    assert k1["redis_commands_per_image"] > res["bare"]["redis_commands_per_image"] > 0
+    assert k16["redis_commandstats_usec_per_image"] > 0 and set(res["targets_met"]) == {
+        "commands_per_image_le_14", "redis_usec_per_image_le_100", "fleet_ge_0_9_bare"}

@@ -1,8 +1,9 @@
 """Workers that die: `kill -9` mid-batch, and a poison job that kills every worker it reaches.
 
 Late acks leave a dead worker's reserved jobs unacknowledged in Redis; after the (short, test)
-visibility timeout another worker runs them. The attempt counter stops a job that keeps killing
-workers: it goes to the dead-letter list instead of looping.
+visibility timeout another worker gets them. Jobs whose run was lost go to the quarantine lane
+and run there alone, uncharged; a job that kills its worker there is charged, and after
+max_attempts it goes to the dead-letter list instead of looping. The other jobs are never charged.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def fleet(redis_url, tmp_path, s3_server):
     f = Fleet(redis_url, tmp_path, env={
         **s3_server.env(),
         "SCALECAP_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
+        "SCALECAP_JOB_TIMEOUT": "2",
         "SCALECAP_MAX_ATTEMPTS": "2",
     })
     try:
@@ -88,13 +90,17 @@ def test_poison_job_reaches_dead_letter_after_bounded_attempts(fleet: Fleet):
 
     assert (st["done"], st["failed"], st["dead_lettered"]) == (3, 1, 1)
     poison_runs = [c for _, c in fleet.vlm_calls() if c == "black"]
-    assert len(poison_runs) == 2  # max_attempts: the third delivery was not run
-    assert len(restarts) == 2
+    # One uncharged run beside other jobs, then max_attempts runs alone in the quarantine lane;
+    # the next delivery was not run.
+    assert len(poison_runs) == 3
+    assert len(restarts) == 3
     entries = [json.loads(x) for x in client.redis.lrange("scalecap:dead_letter", 0, -1)]
     assert len(entries) == 1
     entry = entries[0]
     assert entry["ref"] == str(images[1]) and entry["attempts"] == 2
     assert entry["error"]["type"] == "WorkerLost"
+    others = [j for j in client.jobs(sub.batch_id) if j["image"] != str(images[1])]
+    assert len(others) == 3 and all(j["attempts"] == 0 for j in others), "charged for another's crash"
     rows = {r["image"]: r["scalecap_record"] for r in client.results(sub.batch_id)}
     assert rows[str(images[1])]["error"]["type"] == "WorkerLost"
     assert "final_caption" in rows[str(images[0])]

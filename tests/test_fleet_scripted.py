@@ -58,7 +58,7 @@ def test_batch_into_s3_with_bad_image_and_bad_lines(fleet: Fleet, s3_server, s3_
     assert len(body.decode().splitlines()) == 4
 
 
-def test_resubmission_does_no_model_work_and_writes_nothing_twice(fleet: Fleet, s3_server, s3_bucket):
+def test_resubmission_does_no_model_work_and_reused_records_complete_the_batch_prefix(fleet: Fleet, s3_server, s3_bucket):
     fleet.scripted()
     images = make_images(fleet.tmp / "imgs", ["red", "green", "blue"])
     client = fleet.client()
@@ -77,7 +77,12 @@ def test_resubmission_does_no_model_work_and_writes_nothing_twice(fleet: Fleet, 
     st = client.wait(second.batch_id, timeout=60)
     assert st["done"] == 3 and st["failed"] == 0
     assert len(fleet.vlm_calls()) == calls
-    assert sorted(s3_objects(s3_server.client(), s3_bucket)) == sorted(objects)
+    # The first batch's records are untouched; the second batch's prefix is complete because
+    # the reused records were copied into it (its webhook's results location lists them all).
+    after = s3_objects(s3_server.client(), s3_bucket)
+    assert sorted(k for k in after if k.startswith(f"out/{first.batch_id}/")) == sorted(objects)
+    assert len([k for k in after if k.startswith(f"out/{second.batch_id}/")]) == 3
+    assert len(after) == 6
     assert sorted(r["image"] for r in client.results(second.batch_id)) == sorted(map(str, images))
     # A changed config is new work.
     third = client.submit([str(images[0])], sink=sink, model="scripted", config={"max_questions": 3})
