@@ -50,3 +50,27 @@ def test_s3_client_kwargs_only_set_what_is_given():
     kw = Settings.from_env({"SCALECAP_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
                             "SCALECAP_S3_ACCESS_KEY_ID": "a"}).s3_client_kwargs()
     assert kw == {"endpoint_url": "http://127.0.0.1:9000", "aws_access_key_id": "a"}
+
+
+def test_security_and_image_settings_reach_the_image_limits():
+    from scalecap.images import ImageLimits
+
+    s = Settings.from_env({
+        "SCALECAP_MAX_DECODE_PIXELS": "1000000",
+        "SCALECAP_MAX_CONCURRENT_DECODES": "2",
+        "SCALECAP_FETCH_RETRIES": "0",
+        "SCALECAP_FETCH_BACKOFF": "0.25",
+        "SCALECAP_ALLOWED_BUCKETS": "images, thumbs",
+        "SCALECAP_REDIS_CA_CERT": "/etc/scalecap/ca.pem",
+        "SCALECAP_REMOTE_CONTROL": "on",
+    })
+    assert s.allowed_buckets == ["images", "thumbs"] and s.redis_ca_cert == "/etc/scalecap/ca.pem"
+    assert s.remote_control is True and Settings.from_env({}).remote_control is False
+    limits = ImageLimits.from_settings(s, max_pixels=5000)
+    assert (limits.max_decode_pixels, limits.max_concurrent_decodes) == (1_000_000, 2)
+    assert (limits.fetch_retries, limits.fetch_backoff, limits.max_pixels) == (0, 0.25, 5000)
+    assert list(limits.allowed_buckets) == ["images", "thumbs"]
+    defaults = ImageLimits.from_settings(Settings.from_env({}))
+    assert defaults.max_decode_pixels == 40_000_000 and defaults.fetch_retries == 3
+    with pytest.raises(ConfigError):
+        ImageLimits.from_settings(s, max_concurrent_decodes=0)
