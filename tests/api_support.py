@@ -1,4 +1,4 @@
-"""The HTTP API under test: a real `scalecap api` process beside a real fleet, shared per module.
+"""The HTTP API under test: a real `scalecap api` process beside a real fleet, shared by the session.
 
 `api_stack` starts, on a fresh Redis DB of the session's redis-server and the session's S3 server:
 a scripted-VLM worker for model "scripted", an I/O worker (webhooks) and the API process, exactly
@@ -152,7 +152,7 @@ class ApiStack:
         return redis.Redis.from_url(self.env["SCALECAP_BROKER_URL"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def api_stack(redis_server: Any, s3_server: Any, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[ApiStack]:
     from scalecap.webhooks import generate_secret
