@@ -26,7 +26,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 
 from scalecap.queue_protocol import TASK_CAPTION, TASK_WEBHOOK
 
@@ -74,7 +74,8 @@ READY = Gauge("scalecap_worker_ready", "1 while ready: engine up, consuming, liv
 HEARTBEAT_AGE = Gauge(
     "scalecap_worker_heartbeat_age_seconds",
     "Seconds since the engine's event loop last ran its heartbeat (0 before the engine loop exists)")
-INFO = Info("scalecap_worker", "What this worker runs")
+INFO = Gauge("scalecap_worker_info", "What this worker runs (always 1; join on instance for the model)",
+             ["model", "backend", "queues", "hostname"])
 
 
 class Health:
@@ -163,8 +164,7 @@ def configure(settings: Any, *, io: bool, queues: list[str], hostname: str) -> N
     _health.stall_timeout = settings.stall_timeout
     if io:
         _health.engine_ready = True  # an I/O worker has no engine to wait for
-    INFO.info({"model": _model, "backend": "" if io else settings.backend, "queues": ",".join(queues),
-               "hostname": hostname})
+    INFO.labels(_model, "" if io else settings.backend, ",".join(queues), hostname).set(1)
 
 
 # -- records and engine ---------------------------------------------------------------------------
