@@ -164,7 +164,7 @@ class FleetClient:
         k = max(1, int(chunk_size or self.settings.chunk_size))
         batch_id = check_batch_id(batch_id) if batch_id else new_batch_id()
         if webhook and not webhook.startswith(("http://", "https://")):
-            raise ConfigError(f"webhook must be an http(s) URL, got {webhook!r}")
+            raise ConfigError(f"webhook must be an http(s) URL, got {redact_url(webhook)!r}")
         if webhook_jobs and not webhook:
             raise ConfigError("webhook_jobs needs a webhook URL")
         self.sink(sink)  # unknown sink or missing bucket: fail before anything is queued
