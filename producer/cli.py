@@ -17,7 +17,7 @@ COMMANDS: dict[str, str] = {
     "worker": "run a GPU-pinned Celery worker holding one engine (or an --io worker)",
     "submit": "submit images to the fleet as one batch",
     "status": "print a batch's status as JSON",
-    "results": "write a batch's records as JSONL",
+    "results": "write a batch's records as JSONL, Parquet or WebDataset shards",
     "cancel": "cancel a batch (queued jobs are not run)",
     "reconcile": "repair the queue once: republish lost messages, requeue expired leases, drain the outbox",
     "purge": "delete a batch's state (or every batch finished before a date) from Redis",
@@ -44,7 +44,8 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
     from scalecap.cli_options import add_config_args
 
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="JSONL manifest, directory, s3://bucket/prefix, or image path/URL")
+                   help="JSONL manifest, directory, s3://bucket/prefix, WebDataset .tar shard (brace "
+                        "patterns like shards/{00000..00127}.tar), .parquet file, or image path/URL")
     p.add_argument("--sink", default="redis",
                    help="where records go: s3://bucket/prefix or redis (default: redis)")
     p.add_argument("--webhook", default=None, help="URL that receives the signed batch.completed event")
@@ -54,6 +55,10 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model whose workers run the jobs (env SCALECAP_MODEL)")
     p.add_argument("--queue", default=None, help="queue to send to (default: scalecap.gpu.<model>)")
     p.add_argument("--image-key", default="image", help="manifest field holding the image")
+    p.add_argument("--image-column", default=None,
+                   help="Parquet column with image URLs/paths or image bytes (default: --image-key)")
+    p.add_argument("--id-column", default=None,
+                   help="Parquet column whose value each record keeps (meta.source.id, source_key)")
     p.add_argument("--wait", action="store_true", help="show progress and wait until the batch ends")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="images per task message (env SCALECAP_CHUNK_SIZE, default 16)")
@@ -104,6 +109,8 @@ def _submit(client: Any, args: argparse.Namespace, config: Any, bar: Any, on_wai
         model=args.model,
         queue=args.queue,
         image_key=args.image_key,
+        image_column=args.image_column,
+        id_column=args.id_column,
         on_progress=(lambda n: bar.update(n - bar.n)) if bar is not None else None,
         chunk_size=args.chunk_size,
         on_wait=on_wait,
@@ -137,23 +144,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def add_results_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("batch_id", metavar="BATCH")
-    p.add_argument("-o", "--output", default="-", help="JSONL file (default: stdout)")
+    p.add_argument("-o", "--output", default="-",
+                   help="file (JSONL: default stdout), or a folder for --format webdataset")
+    p.add_argument("--format", default="jsonl", choices=("jsonl", "parquet", "webdataset"),
+                   help="jsonl (one record per line), parquet (flat columns, docs/data.md) or "
+                        "webdataset (tar shards of {job_id}.json)")
+    p.add_argument("--with-images", action="store_true",
+                   help="webdataset: copy each original image next to its JSON")
     p.add_argument("--export", action="store_true",
                    help="S3 sinks: also write records.jsonl next to the records and print its URL")
     _add_broker(p)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    from producer.export import export
+
     client = _client(args)
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
-    n = 0
-    try:
-        for row in client.results(args.batch_id):
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    n = export(client, args.batch_id, args.format, args.output, with_images=args.with_images)
     print(f"{n} rows", file=sys.stderr)
     if args.export:
         print(client.export(args.batch_id))

@@ -141,6 +141,8 @@ class FleetClient:
         model: str | None = None,
         queue: str | None = None,
         image_key: str = "image",
+        image_column: str | None = None,
+        id_column: str | None = None,
         on_progress: Callable[[int], None] | None = None,
         owner: str | None = None,
         chunk_size: int | None = None,
@@ -155,6 +157,7 @@ class FleetClient:
         A resubmission with another config, model or sink raises BatchMismatch, writing nothing.
         `chunk_size`: images per task message (default SCALECAP_CHUNK_SIZE). `on_wait(queued)` is
         called while submission waits because more than SCALECAP_MAX_QUEUED images are queued.
+        `image_column`/`id_column`: a Parquet source's image and key columns (producer/sources.py).
         """
         from producer.sources import expand
 
@@ -211,7 +214,8 @@ class FleetClient:
                 if on_progress is not None:
                     on_progress(result.submitted + result.failed + result.duplicates)
 
-            for row in expand(source, image_key=image_key, s3_client_factory=self._s3_client):
+            for row in expand(source, image_key=image_key, image_column=image_column, id_column=id_column,
+                              s3_client_factory=self._s3_client):
                 refused = None if row.error else bucket_refusal(row.ref, self.settings.allowed_buckets)
                 if refused:  # the workers would refuse it too: fail it now, with the reason
                     row = replace(row, error={"stage": "submit", "type": "ImageAccessDenied",
