@@ -144,6 +144,13 @@ def test_log_ratio_clause_record_with_pruned_sentence_and_fallbacks():
     assert (v.score_mode, v.filter_unit, v.scale, v.threshold_gauge) == ("log_ratio", "clause", 2.5, 50.0)
     assert v.golden[0].gauge == 100.0 and v.dropped[0].gauge == 36.0
     assert v.qa[0].kept_text == "It is red." and v.mode_details == {"scoring passes": 1}
+    assert not v.qa[0].fallback
+    kept_whole = {"kept_whole": 1, "threshold": 0}
+    whole_answer = record_view({**rec, "qa_pairs": [{"question": "q", "answer": "It flies.", "kept": True,
+                                                     "score": -0.5}],
+                                "meta": {**rec["meta"], "answer_fallback": kept_whole}})
+    assert whole_answer.qa[0].fallback and "kept whole" in whole_answer.answer_fallback
+    assert "answer_fallback" not in whole_answer.extra_meta
     whole = record_view({**rec, "golden_sentences": ["A red square, with a unicorn. A rainbow. Hm."],
                          "sentence_scores": [-1.0, -0.7, -2.0],
                          "meta": {**rec["meta"], "golden_fallback": {"reason": "no sentence passed the "

@@ -268,10 +268,16 @@ def login(request: Request, key: str = Form(""), next: str = Form("/")) -> Respo
     resp = RedirectResponse(target, status_code=303)
     resp.set_cookie(
         COOKIE, w.signer.issue(api_key.key_id, fingerprint=fingerprint), max_age=w.signer.max_age,
-        httponly=True, samesite="lax", secure=request.url.scheme == "https", path="/",
+        httponly=True, samesite="lax", secure=_https(request), path="/",
     )
     log.info("viewer login for key %s", api_key.key_id)
     return resp
+
+
+def _https(request: Request) -> bool:
+    """Whether the browser talks HTTPS (directly, or to a TLS proxy that says so): the cookie is
+    then Secure. Trusting the header here costs nothing: at worst a cookie is marked Secure."""
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
 
 
 @router.post("/logout")

@@ -111,6 +111,8 @@ class QA:
     kept: bool
     score: float | None
     kept_text: str = ""
+    fallback: bool = False
+    """Kept whole although nothing in it passed (answer_fallback keep_all)."""
 
 
 @dataclass
@@ -132,6 +134,7 @@ class RecordView:
     threshold_gauge: float = 50.0
     second_filter: bool = False
     fallback: str = ""
+    answer_fallback: str = ""
     qa: list[QA] = field(default_factory=list)
     object_summary: str = ""
     position_summary: str = ""
@@ -288,9 +291,18 @@ def record_view(record: dict[str, Any], config: dict[str, Any] | None = None) ->
             continue
         answer = str(p.get("answer") or "")
         kept_text = str(p.get("kept_text") or "")
-        v.qa.append(QA("object" if i < n_obj else "position", str(p.get("question") or ""), answer,
-                       bool(p.get("kept", True)), _num(p.get("score")),
-                       kept_text if kept_text and kept_text != answer else ""))
+        qa = QA("object" if i < n_obj else "position", str(p.get("question") or ""), answer,
+                bool(p.get("kept", True)), _num(p.get("score")),
+                kept_text if kept_text and kept_text != answer else "")
+        qa.fallback = bool(qa.kept and v.second_filter and not qa.kept_text and v.answer_threshold is not None
+                           and (qa.score is None or qa.score <= v.answer_threshold))
+        v.qa.append(qa)
+    afb = meta.get("answer_fallback")
+    if isinstance(afb, dict) and afb.get("kept_whole"):
+        n = int(afb["kept_whole"])
+        were = "was" if n == 1 else "were"
+        v.answer_fallback = (f"{n} answer{'s' if n != 1 else ''} had no sentence above the threshold "
+                             f"and {were} kept whole (answer_fallback keep_all)")
     v.object_summary = str(record.get("object_summary") or "")
     v.position_summary = str(record.get("position_summary") or "")
 
@@ -307,8 +319,8 @@ def record_view(record: dict[str, Any], config: dict[str, Any] | None = None) ->
                 if _num(n) is not None}
     v.config_hash = str(meta.pop("config_hash", "") or "")
     v.model = str(meta.pop("model", "") or "")
-    for k in ("job_id", "sentence_filter", "golden_fallback", "score_mode", "filter_unit", "threshold",
-              "sentence_threshold", "answer_threshold", "scoring_passes"):
+    for k in ("job_id", "sentence_filter", "golden_fallback", "answer_fallback", "score_mode", "filter_unit",
+              "threshold", "sentence_threshold", "answer_threshold", "scoring_passes"):
         meta.pop(k, None)
     v.extra_meta = meta
     return v
