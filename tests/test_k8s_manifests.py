@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 import yaml
 
-from scalecap.queue_protocol import gpu_queue
+from scalecap.queue_protocol import gpu_queue, quarantine_queue
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -173,14 +173,16 @@ def test_one_scaled_gpu_deployment_per_model_queue(docs):
     queues = set()
     for so in scaled.values():
         target = deployments[so["spec"]["scaleTargetRef"]["name"]]
-        (trigger,) = so["spec"]["triggers"]
-        assert trigger["type"] == "redis"
-        assert trigger["metadata"]["listName"] == gpu_queue(_model_of(target))
-        assert trigger["authenticationRef"]["name"] in auths
+        lists = {t["metadata"]["listName"] for t in so["spec"]["triggers"]}
+        main = gpu_queue(_model_of(target))
+        assert lists == {main, quarantine_queue(main)}, "both lanes of the model wake its workers"
+        for trigger in so["spec"]["triggers"]:
+            assert trigger["type"] == "redis" and trigger["authenticationRef"]["name"] in auths
+            assert trigger["metadata"]["activationListLength"] == "0"
         assert so["spec"]["minReplicaCount"] == 0, "idle models scale to zero"
         assert so["spec"]["cooldownPeriod"] >= 300
         assert "replicas" not in target["spec"], "re-applying must not fight KEDA over the count"
-        queues.add(trigger["metadata"]["listName"])
+        queues.add(main)
     assert len(queues) == len(scaled)
     for name, d in gpu_workers.items():
         (c,) = containers(d)
