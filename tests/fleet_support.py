@@ -147,15 +147,21 @@ class Fleet:
         self.workers.append(w)
         return w.start() if start else w
 
-    def scripted(self, model: str = "scripted", concurrency: int = 4, **options: Any) -> WorkerProcess:
+    def scripted(self, model: str = "scripted", concurrency: int = 4, *, env: dict[str, str] | None = None,
+                 start: bool = True, **options: Any) -> WorkerProcess:
         """A worker on the scripted VLM (fast; only the model's content is scripted)."""
         import json
 
         opts = [f"--backend-option={k}={json.dumps(v)}" for k, v in options.items()]
-        return self.worker("--backend", SCRIPTED, "--model", model, "--concurrency", str(concurrency), *opts)
+        return self.worker("--backend", SCRIPTED, "--model", model, "--concurrency", str(concurrency), *opts,
+                           env=env, start=start)
 
     def io(self, **env: str) -> WorkerProcess:
         return self.worker("--io", env=env)
+
+    def wait_dead(self, w: WorkerProcess, timeout: float = 60.0) -> None:
+        """Until `w` exited by itself (a failpoint's exit)."""
+        wait_until(lambda: not w.alive, timeout=timeout, what=f"worker {w.pid} to die")
 
     def vlm_calls(self) -> list[tuple[int, str]]:
         from tests.fleet_vlms import read_log
