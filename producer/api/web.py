@@ -163,11 +163,13 @@ def _safe_next(target: str | None) -> str:
     """Only a path on this site (no scheme, no //host) may be a post-login destination."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/"
+    if any(c.isspace() or ord(c) < 32 for c in target):  # browsers drop tabs: "/\t/evil" is "//evil"
+        return "/"
     return target
 
 
-def _to_login(request: Request) -> RedirectResponse:
-    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+def _to_login(request: Request, back: str | None = None) -> RedirectResponse:
+    here = back or request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return RedirectResponse("/login?next=" + quote(here, safe="/"), status_code=303)
 
 
@@ -376,7 +378,7 @@ def batch_progress(request: Request, batch_id: str) -> Response:
 def cancel(request: Request, batch_id: str, csrf: str = Form("")) -> Response:
     who = viewer(request)
     if who is None:
-        return _to_login(request)
+        return _to_login(request, back=f"/batches/{quote(batch_id)}")
     w = web(request)
     if not (same_origin(request.headers, request.headers.get("host"))
             and w.signer.check_csrf(who.session, csrf)):
@@ -444,8 +446,8 @@ def image_thumbnail(request: Request, batch_id: str, job_id: str, size: int | st
         body = thumbnail(ref, w.settings, px)
     except ImageError as exc:
         # The reason's type only: the message may name places the caller need not see.
-        return Response(placeholder_svg(type(exc).__name__), status_code=422,
-                        media_type="image/svg+xml", headers=headers)
+        return Response(placeholder_svg(type(exc).__name__), status_code=422, media_type="image/svg+xml",
+                        headers={**headers, "Content-Security-Policy": "default-src 'none'"})
     return Response(body, media_type="image/jpeg", headers=headers)
 
 
