@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: caption example photographs (shipped inside scikit-image) with
-# the full ScaleCap chain on the real vLLM engine, in process, and write out/captions.jsonl.
+# the full ScaleCap chain on the real vLLM engine, through the whole fleet on this one machine:
+# redis-server, a `scalecap worker` holding the engine, the I/O worker, the HTTP API with a new
+# key, and a local webhook receiver; the photos go in over HTTP and out/captions.jsonl comes back
+# (scripts/fleet_demo.py). Ctrl-C, or the end of the run, stops everything it started.
+# `--in-process` runs the chain in this process instead (`scalecap caption`, no queue).
 #
 # - SCALECAP_MODEL set: that model (a local folder or, with hub access, a hub name).
 # - a GPU (nvidia-smi) and no HF_HUB_OFFLINE=1: installs the GPU extra and uses the default model,
@@ -10,10 +14,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
+mode=fleet
+if [ "${1:-}" = "--in-process" ]; then mode=in-process; shift; fi
 export VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
 tiny=0
 mkdir -p "$out" .cache
-extra=()
+engine=()   # worker / engine flags
+extra=()    # chain config flags (in-process) ...
+config='{}' # ... and the same fields as the batch's config (fleet)
 if [ -n "${SCALECAP_MODEL:-}" ]; then
   model=$SCALECAP_MODEL
   venv=${VENV:-.venv}
@@ -31,9 +39,11 @@ else
   "$venv/bin/python" -m scalecap.tiny_model "$model"
   export VLLM_ENABLE_V1_MULTIPROCESSING=${VLLM_ENABLE_V1_MULTIPROCESSING:-0}
   export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1
-  extra=(--max-model-len 2048 --enforce-eager --dtype bfloat16 --max-num-seqs 32
-         --max-init-tokens 96 --max-answer-tokens 32 --max-questions 4 --max-question-tokens 48
+  engine=(--max-model-len 2048 --enforce-eager --dtype bfloat16 --max-num-seqs 32)
+  extra=(--max-init-tokens 96 --max-answer-tokens 32 --max-questions 4 --max-question-tokens 48
          --max-object-summary-tokens 48 --max-position-summary-tokens 48 --max-final-tokens 96)
+  config='{"max_init_tokens": 96, "max_answer_tokens": 32, "max_questions": 4, "max_question_tokens": 48,
+           "max_object_summary_tokens": 48, "max_position_summary_tokens": 48, "max_final_tokens": 96}'
   cat >&2 <<'MSG'
 =====================================================================================
  No GPU here: running the real chain on the real vLLM engine (vllm-cpu) with a TINY
@@ -43,9 +53,19 @@ else
 MSG
 fi
 "$venv/bin/python" scripts/write_examples.py examples
-"$venv/bin/scalecap" caption examples/manifest.jsonl -o "$out/captions.jsonl" --model "$model" \
-  --backend vllm "${extra[@]}" "$@"
-"$venv/bin/python" - "$out/captions.jsonl" "$tiny" <<'PY'
+if [ "$mode" = fleet ]; then
+  wargs=(--worker-arg=--backend --worker-arg=vllm)
+  for a in "${engine[@]}"; do wargs+=("--worker-arg=$a"); done
+  hold=()
+  [ -t 0 ] && hold=(--hold)   # interactive: keep the viewer up until Enter
+  rm -f "$out/captions.jsonl"
+  "$venv/bin/python" scripts/fleet_demo.py --manifest examples/manifest.jsonl --model "$model" \
+    --out "$out/captions.jsonl" --config-json "$config" "${wargs[@]}" "${hold[@]}" "$@"
+else
+  "$venv/bin/scalecap" caption examples/manifest.jsonl -o "$out/captions.jsonl" --model "$model" \
+    --backend vllm "${engine[@]}" "${extra[@]}" "$@"
+fi
+"$venv/bin/python" - "$out/captions.jsonl" "$tiny" "$mode" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 ok = [r for r in rows if "final_caption" in r["scalecap_record"]]
@@ -57,5 +77,6 @@ if ok:
     print("final caption:", r["final_caption"][:300])
 if sys.argv[2] == "1":
     print("(tiny random-weight model: the text above is noise by construction)")
-print("rerunning this script resumes: images already in the output are skipped")
+if sys.argv[3] == "in-process":
+    print("rerunning this script resumes: images already in the output are skipped")
 PY
