@@ -1,11 +1,16 @@
-"""Chain throughput: one image at a time vs the concurrent chain vs the engine-only lower bound.
+"""Chain throughput: one image at a time vs the concurrent chain vs the engine-only lower bound,
+and the contrastive rating with two teacher-forced passes (before) vs one (after).
 
-All three run on the same real engine in one process, one after another:
+All run on the same real engine in one process, one after another:
 1. serial: the chain with concurrency 1 (batching only inside one image's stage calls);
 2. concurrent: the chain with every image in flight at once (the engine batches across images);
 3. lower bound: the very requests the concurrent run made, replayed stage by stage with every
    image's requests of a stage sent together as one batch (no chain logic, no waiting between
-   images). Its time is what the engine alone needs for this work.
+   images). Its time is what the engine alone needs for this work; within each stage the
+   generation and the scoring requests are timed apart, which gives scoring's share.
+Phases 2 and 3 run for both scoring paths, alternated: two-pass (`one_pass_scoring=False`: the
+caption and each rated answer teacher-forced with and without the image) and one-pass (the
+generation's own token scores stand for the with-image pass). Serial uses one-pass.
 
 Usage (CPU, tiny random-weight model built on the spot):
     python -m bench.chain_throughput --num-images 32
@@ -28,10 +33,12 @@ from typing import Any
 
 from bench.report import print_table, write_json
 from scalecap.backends.base import GenerateRequest, ScoreRequest
+from scalecap.stages.context import CURRENT_STAGE
 
 # Token limits that keep a random-weight tiny model (which never stops early) inside its context.
 TINY_LIMITS = dict(max_init_tokens=96, max_answer_tokens=32, max_questions=4, max_question_tokens=48,
                    max_object_summary_tokens=48, max_position_summary_tokens=48, max_final_tokens=96)
+PATHS = ("two_pass", "one_pass")
 
 
 class RecordingBackend:
@@ -41,33 +48,17 @@ class RecordingBackend:
         self.inner = inner
         self.model_name = inner.model_name
         self.supports_scoring = inner.supports_scoring
+        for name in ("supports_generation_logprobs", "score_values", "max_model_len"):
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
         self.log: list[tuple[str, str, Any]] = []  # (stage, kind, request)
 
-    @staticmethod
-    def _stage(reqs: Sequence[Any]) -> str:
-        p = reqs[0].prompt
-        if isinstance(reqs[0], ScoreRequest):
-            return "golden" if p.startswith("Describe this image") else "second_filter"
-        if p.startswith("Is the following statement"):
-            return "golden"
-        if p.startswith("Describe this image"):
-            return "caption"
-        if p.startswith("The sentences below"):
-            return "questions"
-        if p.startswith("Describe more details"):
-            return "answers"
-        if p.startswith("Below are answers"):
-            return "summaries"
-        if p.startswith("Write one detailed"):
-            return "final"
-        return "other"
-
     async def generate(self, requests: Sequence[GenerateRequest]):
-        self.log.extend((self._stage(requests), "generate", r) for r in requests)
+        self.log.extend((CURRENT_STAGE.get() or "other", "generate", r) for r in requests)
         return await self.inner.generate(requests)
 
     async def score(self, requests: Sequence[ScoreRequest]):
-        self.log.extend((self._stage(requests), "score", r) for r in requests)
+        self.log.extend((CURRENT_STAGE.get() or "other", "score", r) for r in requests)
         return await self.inner.score(requests)
 
     async def aclose(self) -> None:
@@ -106,8 +97,9 @@ async def run_chain(backend, config, images, concurrency: int) -> tuple[float, l
     return time.perf_counter() - t0, records
 
 
-async def replay(inner, log) -> tuple[float, dict[str, float]]:
-    """Every stage's requests for all images sent together, stages one after another."""
+async def replay(inner, log) -> tuple[float, dict[str, float], float]:
+    """Every stage's requests for all images sent together, stages one after another; within a
+    stage its generations, then its scoring requests. Returns total, per-stage and scoring seconds."""
     by_stage: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     order: list[str] = []
     for stage, kind, req in log:
@@ -115,16 +107,21 @@ async def replay(inner, log) -> tuple[float, dict[str, float]]:
             order.append(stage)
         by_stage[stage].append((kind, req))
     times: dict[str, float] = {}
-    total = 0.0
+    total = scoring = 0.0
     for stage in order:
         gens = [r for k, r in by_stage[stage] if k == "generate"]
         scores = [r for k, r in by_stage[stage] if k == "score"]
         t0 = time.perf_counter()
-        await asyncio.gather(inner.generate(gens) if gens else asyncio.sleep(0),
-                             inner.score(scores) if scores else asyncio.sleep(0))
-        times[stage] = time.perf_counter() - t0
+        if gens:
+            await inner.generate(gens)
+        t1 = time.perf_counter()
+        if scores:
+            await inner.score(scores)
+        t2 = time.perf_counter()
+        times[stage] = t2 - t0
+        scoring += t2 - t1
         total += times[stage]
-    return total, times
+    return total, times, scoring
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -166,7 +163,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.enforce_eager = True
         args.dtype = "bfloat16"
     limits = {} if args.full_lengths else TINY_LIMITS
-    config = ImageScaleCaptionGenerateConfig(**limits)
+    configs = {
+        "two_pass": ImageScaleCaptionGenerateConfig(**limits, second_filter=True, one_pass_scoring=False),
+        "one_pass": ImageScaleCaptionGenerateConfig(**limits, second_filter=True, one_pass_scoring=True),
+    }
+    config = configs["one_pass"]
     n = args.num_images
     images = make_images(n + args.warmup_images)
     warm, images = images[:args.warmup_images], images[args.warmup_images:]
@@ -189,28 +190,50 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if hasattr(inner, "reset_caches"):
                 await inner.reset_caches()
 
+        runs: dict[str, dict[str, list[Any]]] = {
+            p: {"conc": [], "lower": [], "scoring": [], "stages": [], "log": []} for p in PATHS
+        }
         try:
             await run_chain(inner, config, warm, concurrency=len(warm))  # warmup, not measured
             await fresh()
             t_serial, rec_s = await run_chain(inner, config, images[:n_serial], concurrency=1)
-            conc_times, lower_times, rec_c = [], [], []
+            rec_c = []
             for _ in range(max(1, args.repeats)):
-                await fresh()
-                rec_backend = RecordingBackend(inner)
-                t, recs = await run_chain(rec_backend, config, images, concurrency=args.concurrency or n)
-                conc_times.append(t)
-                rec_c += recs
-                await fresh()
-                t, stage_times = await replay(inner, rec_backend.log)
-                lower_times.append(t)
-            t_conc, t_lower = statistics.median(conc_times), statistics.median(lower_times)
+                for path in PATHS:
+                    r = runs[path]
+                    await fresh()
+                    rec_backend = RecordingBackend(inner)
+                    t, recs = await run_chain(rec_backend, configs[path], images,
+                                              concurrency=args.concurrency or n)
+                    r["conc"].append(t)
+                    rec_c += recs
+                    await fresh()
+                    t, stage_times, t_scoring = await replay(inner, rec_backend.log)
+                    r["lower"].append(t)
+                    r["scoring"].append(t_scoring / t if t else 0.0)
+                    r["stages"].append(stage_times)
+                    r["log"] = rec_backend.log
         finally:
             await inner.aclose()
+        one = runs["one_pass"]
+        t_conc, t_lower = statistics.median(one["conc"]), statistics.median(one["lower"])
+        conc_times, lower_times, stage_times = one["conc"], one["lower"], one["stages"][-1]
+        rec_backend_log = one["log"]
         failed = sum("error" in r for r in rec_s + rec_c)
         serial_ips = n_serial / t_serial
         conc_ips = n / t_conc
         lower_ips = n / t_lower
-        gen = [r for _, k, r in rec_backend.log if k == "generate"]
+        gen = [r for _, k, r in rec_backend_log if k == "generate"]
+        scoring = {
+            path: {
+                "requests_per_image": round(len(runs[path]["log"]) / n, 2),
+                "score_requests_per_image": round(sum(k == "score" for _, k, _ in runs[path]["log"]) / n, 2),
+                "scoring_share_of_engine_time": round(statistics.median(runs[path]["scoring"]), 4),
+                "lower_bound_s": round(statistics.median(runs[path]["lower"]), 3),
+                "concurrent_images_per_s": round(n / statistics.median(runs[path]["conc"]), 3),
+            }
+            for path in PATHS
+        }
         return {
             "model": args.model if not tiny else "tiny random-weight Qwen2-VL (CPU)",
             "backend": args.backend,
@@ -218,7 +241,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "serial_images": n_serial,
             "engine_start_s": round(start_s, 2),
             "failed_records": failed,
-            "requests_per_image": round((len(rec_backend.log)) / n, 1),
+            "requests_per_image": round(len(rec_backend_log) / n, 1),
             "generate_requests": len(gen),
             "serial_s": round(t_serial, 3),
             "concurrent_s": round(t_conc, 3),
@@ -232,6 +255,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "speedup_vs_serial": round(conc_ips / serial_ips, 2),
             "fraction_of_lower_bound": round(conc_ips / lower_ips, 3),
             "lower_bound_stage_s": {k: round(v, 3) for k, v in stage_times.items()},
+            "scoring_paths": scoring,
         }
 
     result = asyncio.run(go())
@@ -257,6 +281,20 @@ def print_result(r: dict[str, Any]) -> None:
         ("Lower-bound throughput (img/s)", r["lower_bound_images_per_s"]),
         ("Speedup vs serial (x, larger is better)", r["speedup_vs_serial"]),
         ("Fraction of lower bound (larger is better)", r["fraction_of_lower_bound"]),
+    ])
+    two, one = r["scoring_paths"]["two_pass"], r["scoring_paths"]["one_pass"]
+    pct = lambda x: round(100 * x, 1)  # noqa: E731
+    print_table("Contrastive scoring: two passes (before) vs one (after)", [
+        ("Engine requests per image, two-pass", two["requests_per_image"]),
+        ("Engine requests per image, one-pass", one["requests_per_image"]),
+        ("Scoring requests per image, two-pass", two["score_requests_per_image"]),
+        ("Scoring requests per image, one-pass", one["score_requests_per_image"]),
+        ("Scoring share of engine time, two-pass (%)", pct(two["scoring_share_of_engine_time"])),
+        ("Scoring share of engine time, one-pass (%)", pct(one["scoring_share_of_engine_time"])),
+        ("Lower-bound time, two-pass, median (s)", two["lower_bound_s"]),
+        ("Lower-bound time, one-pass, median (s)", one["lower_bound_s"]),
+        ("Concurrent throughput, two-pass (img/s)", two["concurrent_images_per_s"]),
+        ("Concurrent throughput, one-pass (img/s)", one["concurrent_images_per_s"]),
     ])
 
 

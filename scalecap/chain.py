@@ -44,9 +44,11 @@ class ChainItem:
 
 def check_backend(vlm: Backend, config: ImageScaleCaptionGenerateConfig) -> None:
     """Refuse a backend that cannot give what the config's rating needs, before any image runs."""
-    if config.sentence_filter != "contrastive":
-        return
     name = type(vlm).__name__
+    if config.sentence_filter != "contrastive":
+        if score_values(vlm) == "logits":
+            raise ConfigError(f"backend {name} returns raw logits; yes/no rating needs logprobs")
+        return
     if not getattr(vlm, "supports_scoring", False):
         raise ConfigError(f"backend {name} cannot score tokens; use sentence_filter='yesno'")
     values = score_values(vlm)

@@ -300,3 +300,51 @@ check_score_unicode are extra)."""
 def run_all(backend: Backend, loop: Runner) -> None:
     for check in ALL_CHECKS:
         check(backend, loop)
+
+
+# --- one-pass scoring ---------------------------------------------------------------------------
+
+
+def check_generation_token_scores(backend: Backend, loop: Runner, tol: float = 1e-3) -> None:
+    """With `token_scores`, a greedy generation returns one score per generated token (end of turn
+    left out), spans tiling its text, and the very values that teacher forcing those ids with the
+    same prompt and image gives; without the image the same ids get their own scores."""
+    assert getattr(backend, "supports_generation_logprobs", False)
+    image = make_image((30, 50, 220))
+    (gen,) = _gen(backend, loop, [
+        GenerateRequest(prompt=PROMPT, image=image, system=SYSTEM, max_tokens=16, token_scores=True)
+    ])
+    assert gen.tokens is not None and gen.token_ids is not None, gen
+    assert len(gen.tokens) == len(gen.token_ids) <= gen.completion_tokens
+    assert gen.tokens, "no generated token scores"
+    pos = 0
+    for t in gen.tokens:
+        assert pos <= t.start <= t.end <= len(gen.text) and gen.text[t.start : t.end] == t.text, t
+        assert math.isfinite(t.logprob), t
+        pos = t.end
+    forced, without = _score(backend, loop, [
+        ScoreRequest(PROMPT, gen.text, image=image, system=SYSTEM, continuation_ids=gen.token_ids),
+        ScoreRequest(PROMPT, gen.text, image=None, system=SYSTEM, continuation_ids=gen.token_ids),
+    ])
+    assert len(forced.tokens) == len(without.tokens) == len(gen.tokens)
+    assert [(t.start, t.end) for t in forced.tokens] == [(t.start, t.end) for t in gen.tokens]
+    diffs = [abs(a.logprob - b.logprob) for a, b in zip(gen.tokens, forced.tokens, strict=True)]
+    assert max(diffs) <= tol, diffs
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(gen.tokens, without.tokens, strict=True)) > 1e-4
+    (plain,) = _gen(backend, loop, [GenerateRequest(prompt=PROMPT, image=image, max_tokens=4)])
+    assert plain.tokens is None and plain.token_ids is None
+
+
+def check_fit_context(backend: Backend, loop: Runner, room: int = 24) -> None:
+    """A text-only request with `fit_context` and a budget beyond the context runs to the context's
+    end instead of failing. The prompt is sized to leave about `room` tokens (measured first)."""
+    limit = getattr(backend, "max_model_len", None)
+    if not limit:
+        pytest.skip("backend does not know its context length")
+    (probe,) = _gen(backend, loop, [GenerateRequest(prompt=" ".join(["square"] * 20), max_tokens=1)])
+    (base,) = _gen(backend, loop, [GenerateRequest(prompt="square", max_tokens=1)])
+    per_word = max(1, (probe.prompt_tokens - base.prompt_tokens) // 19)
+    words = max(1, (limit - room - base.prompt_tokens) // per_word)
+    prompt = " ".join(["square"] * words)
+    (r,) = _gen(backend, loop, [GenerateRequest(prompt=prompt, max_tokens=10 * limit, fit_context=True)])
+    assert r.completion_tokens > 0 and r.prompt_tokens + r.completion_tokens <= limit, r

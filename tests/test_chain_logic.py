@@ -350,7 +350,9 @@ def test_score_mode_must_match_what_the_backend_returns():
     with pytest.raises(ConfigError, match="logit_diff"):
         ScaleCapChain(ScriptedVLM(score_values="logits"), ImageScaleCaptionGenerateConfig())
     yesno = ImageScaleCaptionGenerateConfig(sentence_filter="yesno")
-    ScaleCapChain(ScriptedVLM(score_values="logits"), yesno)
+    ScaleCapChain(ScriptedVLM(), yesno)
+    with pytest.raises(ConfigError, match="yes/no"):
+        ScaleCapChain(ScriptedVLM(score_values="logits"), yesno)
 
 
 def test_record_has_the_dataflow_fields_and_meta():

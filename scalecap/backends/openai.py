@@ -32,6 +32,7 @@ from scalecap.backends.base import (
     ScoreResult,
     TokenScore,
     char_offsets,
+    gather_or_cancel,
 )
 from scalecap.errors import BackendError, ConfigError, RetryableBackendError
 
@@ -72,6 +73,9 @@ class OpenAIBackend:
         self.server_root = _server_root(self.base_url)
         self.supports_scoring = True
         """Optimistic until the first `score` call finds the server lacks vLLM's extensions."""
+        self.supports_generation_logprobs = False
+        """Chat messages are text, so generated ids cannot be teacher-forced: scoring takes two passes."""
+        self.max_model_len: int | None = None
         self.max_retries = max_retries
         self.image_format = image_format
         self.backoff_base = backoff_base
@@ -152,13 +156,13 @@ class OpenAIBackend:
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         images = _ImageCache(self.image_format)
-        return list(await asyncio.gather(*(self._generate_one(r, images) for r in requests)))
+        return await gather_or_cancel([self._generate_one(r, images) for r in requests])
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         if not self.supports_scoring:
             raise self._unsupported("an earlier request found it lacking")
         images = _ImageCache(self.image_format)
-        return list(await asyncio.gather(*(self._score_one(r, images) for r in requests)))
+        return await gather_or_cancel([self._score_one(r, images) for r in requests])
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -4,6 +4,10 @@ There is no continuous batching here: each `generate` call is split into padded 
 requests with the same sampling settings, run in a worker thread (the event loop stays free), one
 call at a time (an asyncio.Lock), because one model instance cannot run two forward passes at once.
 torch and transformers are imported inside `create`.
+
+Greedy generation can return each generated token's id and logprob (`token_scores`), and `score`
+teacher-forces given ids, so the chain's one-pass rating works here too. With `raw_logits=True`
+both return raw logits instead of logprobs (`score_values`), for score_mode 'logit_diff'.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from scalecap.errors import BackendError, ConfigError
 
 class TransformersBackend:
     supports_scoring = True
+    supports_generation_logprobs = True
 
     def __init__(
         self,
@@ -37,6 +42,7 @@ class TransformersBackend:
         device: str,
         max_batch_size: int,
         max_model_len: int,
+        raw_logits: bool = False,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -45,6 +51,8 @@ class TransformersBackend:
         self.device = device
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
+        self.raw_logits = raw_logits
+        self.score_values = "logits" if raw_logits else "logprobs"
         self._lock = asyncio.Lock()
         self._closed = False
         gen_eos = getattr(model.generation_config, "eos_token_id", None)
@@ -64,6 +72,7 @@ class TransformersBackend:
         max_batch_size: int = 16,
         max_model_len: int | None = None,
         trust_remote_code: bool = False,
+        raw_logits: bool = False,
         **unknown: Any,
     ) -> TransformersBackend:
         """Load the model and processor in a worker thread.
@@ -71,6 +80,7 @@ class TransformersBackend:
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N".
         dtype: "auto" (the checkpoint's dtype on CUDA, float32 on CPU), or a torch dtype name.
         max_model_len: longest prompt + completion accepted (default: the model's positions).
+        raw_logits: token scores are raw logits, not logprobs (score_mode 'logit_diff').
         """
         if unknown:
             raise ConfigError(f"unknown transformers backend option(s): {', '.join(sorted(unknown))}")
@@ -108,6 +118,7 @@ class TransformersBackend:
                 device=device,
                 max_batch_size=max_batch_size,
                 max_model_len=limit,
+                raw_logits=raw_logits,
             )
 
         try:
@@ -124,7 +135,8 @@ class TransformersBackend:
             return []
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(requests):
-            key = (r.max_tokens, r.temperature, r.top_p, r.seed, r.top_logprobs)
+            key = (r.max_tokens, r.temperature, r.top_p, r.seed, r.top_logprobs, r.token_scores,
+                   r.fit_context and r.image is None)
             groups.setdefault(key, []).append(i)
         results: list[GenerateResult | None] = [None] * len(requests)
         for indices in groups.values():
@@ -190,14 +202,17 @@ class TransformersBackend:
         ]
         inputs = self._inputs(texts, [r.image for r in batch if r.image is not None])
         prompt_lens = inputs["attention_mask"].sum(dim=1).tolist()
-        self._check_length(max(prompt_lens), first.max_tokens)
+        max_new = first.max_tokens
+        if first.fit_context and not any(r.image is not None for r in batch):
+            max_new = min(max_new, self.max_model_len - int(inputs["input_ids"].shape[1]))
+        self._check_length(max(prompt_lens), max(max_new, 1))
         sample = first.temperature > 0
         kwargs: dict[str, Any] = {
-            "max_new_tokens": first.max_tokens,
+            "max_new_tokens": max_new,
             "do_sample": sample,
             "pad_token_id": self._pad,
             "return_dict_in_generate": True,
-            "output_logits": first.top_logprobs > 0,
+            "output_logits": first.top_logprobs > 0 or first.token_scores,
         }
         if sample:
             kwargs.update(temperature=first.temperature, top_p=first.top_p, top_k=0)
@@ -208,9 +223,11 @@ class TransformersBackend:
         with torch.inference_mode():
             out = self.model.generate(**inputs, **kwargs)
         new = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
-        logprobs = None
-        if first.top_logprobs > 0:
-            steps = torch.stack(out.logits, dim=1).float().log_softmax(dim=-1)
+        logprobs = steps = None
+        if first.top_logprobs > 0 or first.token_scores:
+            raw = torch.stack(out.logits, dim=1).float()
+            steps = raw if self.raw_logits else raw.log_softmax(dim=-1)
+        if first.top_logprobs > 0 and steps is not None:
             logprobs = steps.topk(first.top_logprobs, dim=-1)
         results = []
         for row, (ids, plen) in enumerate(zip(new, prompt_lens, strict=True)):
@@ -221,13 +238,25 @@ class TransformersBackend:
             if logprobs is not None:
                 values, indices = logprobs.values[row].tolist(), logprobs.indices[row].tolist()
                 top = [self._alternatives(values[j], indices[j]) for j in range(len(kept))]
+            text = self.renderer.tokenizer.decode(text_ids, skip_special_tokens=True)
+            tokens = ids_out = None
+            if first.token_scores and steps is not None:
+                ids_out = text_ids[: self.renderer.strip_special_tail(text_ids)]
+                values = steps[row, : len(ids_out)].gather(1, torch.tensor(ids_out).view(-1, 1)).view(-1)
+                spans = self.renderer.spans_of_ids(ids_out, text)
+                tokens = [
+                    TokenScore(text[s:e], s, e, float(v))
+                    for (s, e), v in zip(spans, values.tolist(), strict=True)
+                ]
             results.append(
                 GenerateResult(
-                    text=self.renderer.tokenizer.decode(text_ids, skip_special_tokens=True),
+                    text=text,
                     prompt_tokens=int(plen),
                     completion_tokens=len(kept),
                     top_logprobs=top,
                     finish_reason="length" if stop is None else "stop",
+                    tokens=tokens,
+                    token_ids=ids_out,
                 )
             )
         return results
@@ -244,7 +273,12 @@ class TransformersBackend:
         import torch
 
         prefix = self.renderer.render(req.prompt, system=req.system, has_image=req.image is not None)
-        cont_ids, offsets = self.renderer.encode_continuation(req.continuation)
+        if req.continuation_ids is not None:
+            cont_ids = list(req.continuation_ids)
+            spans = self.renderer.spans_of_ids(cont_ids, req.continuation)
+        else:
+            cont_ids, offsets = self.renderer.encode_continuation(req.continuation)
+            spans = token_spans(offsets, len(req.continuation))
         if not cont_ids:
             return ScoreResult(tokens=[], prompt_tokens=0)
         inputs = self._inputs([prefix], [req.image] if req.image is not None else [])
@@ -263,10 +297,12 @@ class TransformersBackend:
         # Position p predicts token p + 1: the continuation's tokens are predicted from
         # prefix_len - 1 up to the second-to-last position.
         n = len(cont_ids)
-        logprobs = logits[prefix_len - 1 : prefix_len - 1 + n].float().log_softmax(dim=-1)
+        logprobs = logits[prefix_len - 1 : prefix_len - 1 + n].float()
+        if not self.raw_logits:
+            logprobs = logprobs.log_softmax(dim=-1)
         picked = logprobs.gather(1, cont.view(-1, 1).to(logprobs.device)).view(-1).tolist()
         tokens = []
-        for lp, (start, end) in zip(picked, token_spans(offsets, len(req.continuation)), strict=True):
+        for lp, (start, end) in zip(picked, spans, strict=True):
             if not math.isfinite(lp):
                 raise BackendError("non-finite logprob from the model")
             tokens.append(TokenScore(req.continuation[start:end], start, end, float(lp)))

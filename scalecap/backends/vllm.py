@@ -3,6 +3,11 @@
 `generate` and `score` submit all their requests at once and await them together, and many
 images' coroutines call them concurrently, so the engine's continuous batching sees everything in
 flight. vLLM is imported inside `create`, never at module import (the producer side has no vLLM).
+
+Generation can return each sampled token's id and logprob (`logprobs=0`), which under greedy
+decoding equal teacher forcing of the same ids; `score` can teacher-force given ids. Together they
+let the chain rate generated text with one (text-only) pass. An engine started with
+`logprobs_mode="raw_logits"` returns raw logits in both places instead (`score_values`).
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ import dataclasses
 import itertools
 import math
 import uuid
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from scalecap.backends.base import (
     GenerateRequest,
@@ -21,22 +26,29 @@ from scalecap.backends.base import (
     ScoreRequest,
     ScoreResult,
     TokenScore,
+    gather_or_cancel,
 )
 from scalecap.backends.chat import ChatRenderer, token_spans
 from scalecap.errors import BackendError, ConfigError
 
-T = TypeVar("T")
+LOGIT_MODES = ("raw_logits", "processed_logits")
 
 
 class VLLMBackend:
     """One `vllm.v1.engine.async_llm.AsyncLLM` bound to the event loop it was created on."""
 
     supports_scoring = True
+    supports_generation_logprobs = True
 
     def __init__(self, engine: Any, renderer: ChatRenderer, model_name: str, modules: Any) -> None:
         self.engine = engine
         self.renderer = renderer
         self.model_name = model_name
+        config = getattr(engine, "model_config", None)
+        self.max_model_len: int | None = getattr(config, "max_model_len", None)
+        mode = str(getattr(config, "logprobs_mode", "raw_logprobs"))
+        self.score_values = "logits" if mode in LOGIT_MODES else "logprobs"
+        """What token scores hold: logprobs, or raw logits under logprobs_mode='raw_logits'."""
         self._vllm = modules
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
@@ -137,20 +149,32 @@ class VLLMBackend:
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         if not requests:
             return []
-        return await _gather_or_cancel([self._generate_one(r) for r in requests])
+        return await gather_or_cancel([self._generate_one(r) for r in requests])
 
     async def _generate_one(self, req: GenerateRequest) -> GenerateResult:
         text = self.renderer.render(req.prompt, system=req.system, has_image=req.image is not None)
         prompt: dict[str, Any] = {"prompt": text}
+        max_tokens = req.max_tokens
         if req.image is not None:
             prompt["multi_modal_data"] = {"image": req.image}
+        elif req.fit_context and self.max_model_len:
+            # A text-only prompt can be counted here; leave room for at least one new token.
+            ids = self.renderer.encode_prefix(text)
+            prompt = {"prompt_token_ids": ids}
+            room = self.max_model_len - len(ids)
+            if room < 1:
+                raise BackendError(f"prompt of {len(ids)} tokens fills the context ({self.max_model_len})")
+            max_tokens = min(max_tokens, room)
+        logprobs = req.top_logprobs or None
+        if req.token_scores:
+            logprobs = req.top_logprobs  # 0: only the sampled token's own score
         try:
             params = self._vllm.SamplingParams(
-                max_tokens=req.max_tokens,
+                max_tokens=max_tokens,
                 temperature=req.temperature,
                 top_p=req.top_p,
                 seed=req.seed,
-                logprobs=req.top_logprobs or None,
+                logprobs=logprobs,
                 output_kind=self._final_only,
             )
         except ValueError as exc:
@@ -160,22 +184,48 @@ class VLLMBackend:
         top: list[dict[str, float]] | None = None
         if req.top_logprobs and completion.logprobs is not None:
             top = [_by_text(position, self.renderer) for position in completion.logprobs]
+        tokens = ids = None
+        if req.token_scores:
+            tokens, ids = self._sampled_scores(completion)
         return GenerateResult(
             text=completion.text,
             prompt_tokens=len(out.prompt_token_ids or ()),
             completion_tokens=len(completion.token_ids),
             top_logprobs=top,
             finish_reason=completion.finish_reason,
+            tokens=tokens,
+            token_ids=ids,
         )
+
+    def _sampled_scores(self, completion: Any) -> tuple[list[TokenScore], list[int]]:
+        """Each generated token's own score, spans over the text; the end-of-turn token left out."""
+        ids = list(completion.token_ids)
+        positions = list(completion.logprobs or ())
+        if len(positions) != len(ids):
+            raise BackendError(f"vLLM returned {len(positions)} logprob entries for {len(ids)} tokens")
+        ids = ids[: self.renderer.strip_special_tail(ids)]
+        spans = self.renderer.spans_of_ids(ids, completion.text)
+        tokens = []
+        for token_id, entry, (start, end) in zip(ids, positions, spans, strict=False):
+            value = entry[token_id].logprob if entry and token_id in entry else None
+            if value is None or math.isnan(value):
+                raise BackendError(f"vLLM gave no logprob for generated token {token_id}")
+            tokens.append(TokenScore(completion.text[start:end], start, end, float(value)))
+        return tokens, ids
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         if not requests:
             return []
-        return await _gather_or_cancel([self._score_one(r) for r in requests])
+        return await gather_or_cancel([self._score_one(r) for r in requests])
 
     async def _score_one(self, req: ScoreRequest) -> ScoreResult:
         prefix = self.renderer.render(req.prompt, system=req.system, has_image=req.image is not None)
-        cont_ids, offsets = self.renderer.encode_continuation(req.continuation)
+        if req.continuation_ids is not None:
+            cont_ids = list(req.continuation_ids)
+            spans = self.renderer.spans_of_ids(cont_ids, req.continuation)
+        else:
+            cont_ids, offsets = self.renderer.encode_continuation(req.continuation)
+            spans = token_spans(offsets, len(req.continuation))
         if not cont_ids:
             return ScoreResult(tokens=[], prompt_tokens=0)
         prompt: dict[str, Any] = {"prompt_token_ids": self.renderer.encode_prefix(prefix) + cont_ids}
@@ -191,7 +241,6 @@ class VLLMBackend:
         # The image pad expands inside the engine, so align from the end.
         if len(ids) < n + 1 or len(entries) != len(ids) or ids[-n:] != cont_ids:
             raise BackendError("vLLM prompt logprobs do not line up with the continuation tokens")
-        spans = token_spans(offsets, len(req.continuation))
         tokens: list[TokenScore] = []
         for token_id, entry, (start, end) in zip(cont_ids, entries[-n:], spans, strict=True):
             logprob = entry[token_id].logprob if entry and token_id in entry else None
@@ -233,15 +282,3 @@ def _by_text(position: Any, renderer: ChatRenderer) -> dict[str, float]:
         if text not in alternatives or lp.logprob > alternatives[text]:
             alternatives[text] = float(lp.logprob)
     return alternatives
-
-
-async def _gather_or_cancel(coros: Sequence[Awaitable[T]]) -> list[T]:
-    """Await all together; on the first failure cancel the rest (their engine requests abort)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
