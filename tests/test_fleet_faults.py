@@ -214,10 +214,12 @@ def test_s3_down_30s_receiver_down_2min_and_a_job_past_its_deadline(redis_server
         fleet.scripted(concurrency=4, slow_colour="yellow", slow_seconds=30)
         fleet.io()
         client = fleet.client()
+        sink = f"s3://{s3_bucket}/o"
+        client.sink(sink)  # checked (and kept open) while S3 is up: the submit itself needs no S3
         receiver.stop()  # down for the whole batch and 2 minutes
         down_at = time.monotonic()
         s3_server.stop()
-        sub = client.submit([str(p) for p in good + slow], sink=f"s3://{s3_bucket}/o", model="scripted",
+        sub = client.submit([str(p) for p in good + slow], sink=sink, model="scripted",
                             webhook=receiver.state.url, webhook_jobs=True)
         time.sleep(30)
         assert client.status(sub.batch_id)["done"] == 0, "records written while S3 was down?"
