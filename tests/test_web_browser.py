@@ -1,10 +1,10 @@
 """The viewer in a real browser: Debian's Chromium driven by Playwright (pytest-playwright).
 
-Everything is real: redis-server, a `scalecap worker` on the scripted VLM, the API process
-(`scalecap api`: uvicorn in a subprocess) with batches submitted over HTTP with Bearer keys, and Chromium
-reading the pages the API renders. Screenshots go to $SCALECAP_ARTIFACTS/viewer (default
-tests/artifacts/viewer, git-ignored); with SCALECAP_UPDATE_SCREENSHOTS=1 the caption viewer's
-one is also copied to docs/img/viewer.png for the README.
+Everything is real and shared with the API tests (tests/api_support.py's session `api_stack`):
+redis-server, a `scalecap worker` on the scripted VLM, the API process (`scalecap api`) with
+batches submitted over HTTP with Bearer keys, and Chromium reading the pages the API renders.
+Screenshots go to $SCALECAP_ARTIFACTS/viewer (default tests/artifacts/viewer, git-ignored); with
+SCALECAP_UPDATE_SCREENSHOTS=1 the caption viewer's one is also copied to docs/img/viewer.png.
 """
 
 from __future__ import annotations
@@ -12,17 +12,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.fixtures_services import _Process, free_ports
-from tests.fleet_support import REPO, Fleet, wait_until
+from tests.api_support import IDLE_MODEL, MODEL, ApiStack
+from tests.fleet_support import REPO, wait_until
 from tests.scripted_vlm import COLOURS, dominant_colour
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -57,26 +54,6 @@ def shot(page: Any, name: str) -> Path:
 # -- the site: redis, a worker, the API, three keys and their batches ------------------------------
 
 
-class ApiServer(_Process):
-    """`scalecap api` (uvicorn) on a free port, with its own environment."""
-
-    name = "scalecap api"
-
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.port = free_ports(1)[0]
-        self.url = f"http://127.0.0.1:{self.port}"
-        argv = ["/usr/bin/env", *(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("SCALECAP_")),
-                sys.executable, "-m", "producer.cli", "api",
-                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        super().__init__(argv, workdir / "api.log", cwd=REPO)
-
-    def _ready(self) -> bool:
-        try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-
 def picture(path: Path, colour: str, n: int, size: tuple[int, int] = (480, 360)) -> Path:
     """A rounded square of `colour` on a darker field of the same hue (what the scripted VLM
     'sees' is the dominant colour, so its captions talk about this square)."""
@@ -99,27 +76,41 @@ def picture(path: Path, colour: str, n: int, size: tuple[int, int] = (480, 360))
 
 @dataclass
 class Site:
-    url: str
+    """The shared API stack, seen by the viewer tests: keys by name, this module's batches."""
+
+    stack: ApiStack
     raw: dict[str, str]
-    key_ids: dict[str, str]
     batches: dict[str, str]
     images: dict[str, Path]
-    fleet: Fleet
-    keystore: Any
+    tmp: Path
     outside: Path
-    notes: dict[str, Any] = field(default_factory=dict)
 
-    def submit(self, key: str, images: list[str], **body: Any) -> str:
-        r = httpx.post(self.url + "/v1/batches", headers={"Authorization": f"Bearer {self.raw[key]}"},
-                       json={"images": images, "model": "scripted", "sink": "redis", **body}, timeout=30)
+    @property
+    def url(self) -> str:
+        return self.stack.url
+
+    def keystore(self) -> Any:
+        from scalecap.api_keys import KeyStore
+
+        return KeyStore(self.stack.redis())
+
+    def _headers(self, key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.raw[key]}"}
+
+    def submit(self, key: str, images: list[str], *, model: str = MODEL, **body: Any) -> str:
+        r = self.stack.http.post("/v1/batches", headers=self._headers(key),
+                                 json={"images": images, "model": model, "sink": "redis", **body})
         assert r.status_code == 202, r.text
         return r.json()["batch_id"]
 
     def status(self, key: str, batch_id: str) -> dict[str, Any]:
-        r = httpx.get(f"{self.url}/v1/batches/{batch_id}",
-                      headers={"Authorization": f"Bearer {self.raw[key]}"}, timeout=10)
+        r = self.stack.http.get(f"/v1/batches/{batch_id}", headers=self._headers(key))
         assert r.status_code == 200, r.text
         return r.json()
+
+    def cancel(self, key: str, batch_id: str) -> None:
+        r = self.stack.http.post(f"/v1/batches/{batch_id}/cancel", headers=self._headers(key))
+        assert r.status_code == 200, r.text
 
     def wait(self, key: str, batch_id: str, timeout: float = 60) -> dict[str, Any]:
         return wait_until(lambda: (s := self.status(key, batch_id))["finished_at"] and s,
@@ -127,44 +118,26 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    import redis
-
-    from scalecap.api_keys import KeyStore
-
-    tmp = tmp_path_factory.mktemp("viewer")
-    redis_url = f"{redis_server.url}/{redis_server.fresh_db()}"
-    fleet = Fleet(redis_url, tmp)
-    api = ApiServer(tmp, {**fleet.env, "SCALECAP_MODEL": "scripted"})
-    try:
-        fleet.scripted(concurrency=4, slow_colour="yellow", slow_seconds=0.5)
-        keystore = KeyStore(redis.Redis.from_url(redis_url))
-        raw: dict[str, str] = {}
-        ids: dict[str, str] = {}
-        for name, scopes in (("team-a", ("submit", "read")), ("team-b", ("submit", "read")),
-                             ("ops", ("admin",))):
-            raw[name], key, _ = keystore.create(name, scopes=scopes)
-            ids[name] = key.key_id
-        imgs = tmp / "imgs"
-        images = {c: picture(imgs / f"{i:02d}-{c}.png", c, i) for i, c in enumerate(("red", "green", "blue"))}
-        images["bad"] = imgs / "03-bad.jpg"
-        images["bad"].write_bytes(b"this is not an image")
-        images["other"] = picture(imgs / "04-white.png", "white", 4)
-        outside = tmp_path_factory.mktemp("outside") / "secret.png"
-        picture(outside, "black", 5)
-        api.start(timeout=60)
-        s = Site(api.url, raw, ids, {}, images, fleet, keystore, outside)
-        config = {"max_questions": 4, "second_filter": True, "answer_fallback": "drop"}
-        s.batches["a"] = s.submit("team-a", [str(images[c]) for c in ("red", "green", "blue", "bad")],
-                                  config=config)
-        s.batches["b"] = s.submit("team-b", [str(images["other"])])
-        for who, b in (("team-a", "a"), ("team-b", "b")):
-            st = s.wait(who, s.batches[b])
-            assert st["state"] == "finished", st
-        yield s
-    finally:
-        api.stop()
-        fleet.close()
+def site(api_stack: ApiStack, tmp_path_factory: pytest.TempPathFactory) -> Site:
+    """Pictures inside the stack's allowed root, and one batch for each of two tenants."""
+    tmp = api_stack.fleet.tmp / "viewer"
+    imgs = tmp / "imgs"
+    images = {c: picture(imgs / f"{i:02d}-{c}.png", c, i) for i, c in enumerate(("red", "green", "blue"))}
+    images["bad"] = imgs / "03-bad.jpg"
+    images["bad"].write_bytes(b"this is not an image")
+    images["other"] = picture(imgs / "04-white.png", "white", 4)
+    outside = tmp_path_factory.mktemp("outside") / "secret.png"
+    picture(outside, "black", 5)
+    raw = {"team-a": api_stack.tenant_a.raw, "team-b": api_stack.tenant_b.raw, "ops": api_stack.admin.raw}
+    s = Site(api_stack, raw, {}, images, tmp, outside)
+    config = {"max_questions": 4, "second_filter": True, "answer_fallback": "drop"}
+    a_images = [str(images[c]) for c in ("red", "green", "blue", "bad")]
+    s.batches["a"] = s.submit("team-a", a_images, config=config)
+    s.batches["b"] = s.submit("team-b", [str(images["other"])])
+    for who, b in (("team-a", "a"), ("team-b", "b")):
+        st = s.wait(who, s.batches[b])
+        assert st["state"] == "finished", st
+    return s
 
 
 def log_in(page: Any, site: Site, key: str) -> None:
@@ -176,8 +149,8 @@ def log_in(page: Any, site: Site, key: str) -> None:
 
 
 def job_of(site: Site, key: str, batch_id: str, image: Path) -> str:
-    r = httpx.get(f"{site.url}/v1/batches/{batch_id}/jobs", params={"limit": 100},
-                  headers={"Authorization": f"Bearer {site.raw[key]}"}, timeout=10)
+    r = site.stack.http.get(f"/v1/batches/{batch_id}/jobs", params={"limit": 100},
+                            headers=site._headers(key))
     assert r.status_code == 200, r.text
     return next(j["job_id"] for j in r.json()["items"] if j["image"] == str(image))
 
@@ -285,28 +258,33 @@ def _strip_nonce(html: str) -> str:
 
 
 def test_live_progress_bars_update_without_reload(page, site: Site):
+    """A batch on a model no worker holds stays queued; cancelling it over the API finishes it,
+    and the open page's bar and counts follow without a reload."""
     log_in(page, site, "team-a")
-    imgs = [picture(site.fleet.tmp / "slow" / f"{i:02d}-yellow.png", "yellow", 40 + i) for i in range(6)]
-    batch = site.submit("team-a", [str(p) for p in imgs])
+    imgs = [picture(site.tmp / "idle" / f"{i:02d}-yellow.png", "yellow", 40 + i) for i in range(6)]
+    batch = site.submit("team-a", [str(p) for p in imgs], model=IDLE_MODEL)
     page.goto("/")
     bar = page.locator(f'.bar[data-batch="{batch}"]')
-    assert float(bar.get_attribute("aria-valuenow")) < 100
+    assert float(bar.get_attribute("aria-valuenow")) == 0 and "live" in bar.get_attribute("class")
     page.evaluate("window.__stillHere = true")
     shot(page, "06-live-progress")
+    site.cancel("team-a", batch)
     page.wait_for_function(
         "b => +document.querySelector(`.bar[data-batch='${b}']`).getAttribute('aria-valuenow') >= 100",
         arg=batch, timeout=30_000)
     assert page.evaluate("window.__stillHere") is True, "updated in place, not by reloading"
     row = page.locator(f'li.batch-row[data-batch="{batch}"]')
-    assert row.locator('[data-field="done"]').inner_text() == "6"
-    assert row.locator('[data-field="state"]').text_content() == "finished"
+    assert row.locator('[data-field="cancelled"]').inner_text() == "6"
+    assert row.locator('[data-field="cancelled"]').is_visible()
+    assert row.locator('[data-field="state"]').text_content() == "cancelled"
+    assert "live" not in bar.get_attribute("class")
 
 
 def test_thumbnails_use_the_guarded_loader(page, site: Site):
     """A reference that became a symlink out of the allowed roots after submission gets a
     placeholder from the worker's loader, never the file's bytes."""
     log_in(page, site, "team-a")
-    link = site.fleet.tmp / "imgs" / "later-a-link.png"
+    link = site.tmp / "imgs" / "later-a-link.png"
     batch = site.submit("team-a", [str(link)])  # inside the roots, and not there yet
     site.wait("team-a", batch)
     link.symlink_to(site.outside)
@@ -320,22 +298,24 @@ def test_thumbnails_use_the_guarded_loader(page, site: Site):
 
 
 def test_forms_need_their_token_and_revoking_a_key_ends_its_session(page, site: Site):
-    raw, key, _ = site.keystore.create("short-lived", scopes=("submit", "read"))
+    keystore = site.keystore()
+    raw, key, _ = keystore.create("short-lived", scopes=("submit", "read"))
     site.raw["short-lived"] = raw
     log_in(page, site, "short-lived")
-    imgs = [picture(site.fleet.tmp / "slow2" / f"{i:02d}-yellow.png", "yellow", 60 + i) for i in range(12)]
-    batch = site.submit("short-lived", [str(p) for p in imgs])
+    imgs = [picture(site.tmp / "idle2" / f"{i:02d}-yellow.png", "yellow", 60 + i) for i in range(3)]
+    batch = site.submit("short-lived", [str(p) for p in imgs], model=IDLE_MODEL)
     page.goto(f"/batches/{batch}")
     # a cancel without the form's token is refused, and nothing is cancelled
     assert page.request.post(f"/batches/{batch}/cancel", form={"csrf": "forged"}).status == 403
-    assert site.status("short-lived", batch)["state"] in ("queued", "running")
+    assert site.status("short-lived", batch)["state"] == "queued"
     page.click("button.danger")  # the real form, with its token
     page.wait_for_url(f"{site.url}/batches/{batch}")
     st = site.wait("short-lived", batch)
-    assert st["state"] == "cancelled" and st["cancelled"] >= 1
+    assert st["state"] == "cancelled" and st["cancelled"] == 3
+    assert page.locator(".state.big").text_content() == "cancelled"
     shot(page, "07-cancelled")
 
-    site.keystore.revoke(key.key_id)
+    keystore.revoke(key.key_id)
     page.goto(f"/batches/{batch}")
     assert "/login?next=" in page.url, "a revoked key's session ends at once"
 
