@@ -92,20 +92,20 @@ class ImageScaleCaptionGenerate(OperatorBase):  # type: ignore[misc, valid-type]
         self.record_format = record_format
         self.concurrency = concurrency
         self._spec: dict[str, Any] | None = None
+        if isinstance(vlm_serving, Backend):
+            # One handle per engine object: operators sharing an engine share the handle (and its
+            # loop, which the engine is bound to), so the pipeline releases it after the last one.
+            vlm_serving = serving_for(vlm_serving, loop or default_loop())
         if isinstance(vlm_serving, BackendServing):
-            # Another operator's engines: share them, and the handle the pipeline counts.
             self.loop = vlm_serving.loop
-            vlm_serving.start_serving()
+            if vlm_serving.reopen is not None:
+                vlm_serving.start_serving()
             self.vlm_serving: Any = vlm_serving
             self.chain = self._build(vlm_serving.backends[0])
             vlm_serving.add(self.chain.llm)
             return
         self.loop = loop or default_loop()
-        if isinstance(vlm_serving, Backend):
-            self.chain = self._build(vlm_serving)
-            self.vlm_serving = serving_for(vlm_serving, self.loop)
-            self.vlm_serving.add(self.chain.llm)
-        elif isinstance(vlm_serving, str | dict):
+        if isinstance(vlm_serving, str | dict):
             if isinstance(vlm_serving, str):
                 vlm_serving = {"backend": "vllm", "model": vlm_serving}
             self._spec = dict(vlm_serving)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from scalecap import FileStorage, ImageScaleCaptionGenerate, ImageScaleCaptionGenerateConfig
+from scalecap.backends.base import GenerateRequest
 from scalecap.errors import ConfigError
 from scalecap.serving_handle import BackendServing
 from tests.image_corpus import write_corpus
@@ -239,3 +240,47 @@ def test_bad_record_format_and_serving_are_refused():
         warnings.simplefilter("ignore")
         with pytest.raises(TypeError, match="vlm_serving"):
             ImageScaleCaptionGenerate(42)
+
+
+class AskServing(dataflow_core.OperatorABC):
+    """A DataFlow operator that calls its serving the DataFlow way (`generate_from_input`)."""
+
+    def __init__(self, llm_serving):
+        super().__init__()
+        self.llm_serving = llm_serving
+
+    def run(self, storage, input_key: str = "id", output_key: str = "reply"):
+        df = storage.read("dataframe")
+        df[output_key] = self.llm_serving.generate_from_input([f"row {i}" for i in df[input_key]], "be brief")
+        storage.write(df)
+        return [output_key]
+
+
+class CaptionThenAsk(PipelineABC):
+    def __init__(self, storage, vlm):
+        super().__init__()
+        self.storage = storage
+        self.captioner = ImageScaleCaptionGenerate(vlm, CONFIG)
+        self.ask = AskServing(self.captioner.vlm_serving)
+
+    def forward(self):
+        self.captioner.run(storage=self.storage.step(), input_image_key="image", output_key="scalecap_record")
+        self.ask.run(storage=self.storage.step(), input_key="id", output_key="reply")
+
+
+def test_other_dataflow_operators_can_use_our_engine_as_their_serving(tmp_path, source):
+    vlm = CountingVLM()
+    storage = FileStorage(str(source), cache_path=str(tmp_path / "cache"))
+    pipe = CaptionThenAsk(storage, vlm)
+    handle = pipe.captioner.vlm_serving
+    pipe.compile()
+    assert pipe.llm_serving_counter[handle] == 2
+    pipe.forward()
+    asked = [r for kind, reqs in vlm.calls if kind == "generate" for r in reqs if r.prompt.startswith("row ")]
+    assert [r.prompt for r in asked] == ["row 1", "row 2", "row 3"]
+    assert {r.system for r in asked} == {"be brief"} and all(r.image is None for r in asked)
+    rows = read_jsonl(tmp_path / "cache" / "dataflow_cache_step_step2.jsonl")
+    script = ScriptedVLM()
+    expected = [script._answer(GenerateRequest(prompt=f"row {i}", max_tokens=1024)).text for i in (1, 2, 3)]
+    assert [r["reply"] for r in rows] == expected
+    assert handle.cleanups == 1 and vlm.closes == 1, "released once, after the second operator"
