@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -287,3 +288,43 @@ def test_flower_reads_the_broker_from_the_secret(docs):
     argv = shlex.join(c["command"])
     assert "--broker=$(SCALECAP_BROKER_URL)" in argv and " flower" in argv
     assert {e["name"] for e in c["env"]} >= {"SCALECAP_BROKER_URL", "FLOWER_BASIC_AUTH"}
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_the_prestop_hook_lets_running_jobs_finish_and_hands_the_rest_back(docs, redis_url, tmp_path):
+    """What a scale-down does to a worker pod, on real processes: the manifest's own preStop
+    command (PID 1 replaced by the worker's pid) sends SIGTERM and waits. The running images
+    finish and are not run again; the messages the worker had not started go back to Redis at
+    once (not after the visibility timeout), and another worker finishes them."""
+    from tests.fleet_support import Fleet, make_images, wait_until
+
+    gpu_worker = next(d for d in by_kind(docs, "Deployment").values() if _model_of(d))
+    (c,) = containers(gpu_worker)
+    argv = c["lifecycle"]["preStop"]["exec"]["command"]
+    fleet = Fleet(redis_url, tmp_path, env={"SCALECAP_CHUNK_SIZE": "1"})
+    try:
+        a = fleet.scripted(concurrency=2, slow_colour="black", slow_seconds=3)
+        images = make_images(tmp_path / "imgs", ["black"] * 6)
+        client = fleet.client()
+        sub = client.submit([str(p) for p in images], sink="redis", model="scripted")
+        wait_until(lambda: any(pid == a.pid for pid, _ in fleet.vlm_calls()), timeout=30, what="A at work")
+        hook = [argv[0], argv[1], re.sub(r"\b1\b", str(a.pid), argv[2])]
+        assert str(a.pid) in hook[2] and hook[2] != argv[2]
+        # In a pod the container ends with PID 1; here this process reaps the worker, or it would
+        # linger as a zombie that `kill -0` still finds.
+        threading.Thread(target=a.proc.wait, daemon=True).start()
+        done = subprocess.run(hook, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and not a.alive, "the hook returns once the worker has exited"
+        assert a.proc.returncode == 0, a.log()[-2000:]
+        started_on_a = len([pid for pid, _ in fleet.vlm_calls() if pid == a.pid])
+        assert 1 <= started_on_a < 6
+        st = client.status(sub.batch_id)
+        assert st["done"] == started_on_a, "every image A started was finished before it exited"
+
+        fleet.scripted(concurrency=2)  # the next pod; the visibility timeout (3600 s) is not waited for
+        st = client.wait(sub.batch_id, timeout=60)
+        assert (st["done"], st["failed"]) == (6, 0)
+        assert len(fleet.vlm_calls()) == 6, "no image ran twice"
+    finally:
+        fleet.close()
