@@ -310,9 +310,16 @@ def batches(request: Request, page: int | str = 1) -> Response:
     rows = rows[:BATCHES_PER_PAGE]
     bars = [progress(st) for st in rows]
     live = [b["batch_id"] for b in bars if b["live"]]
+    owners: dict[str, str] = {}
+    if who.key.is_admin:  # name the owners: a handful of key lookups per page
+        for st in rows:
+            kid = st.get("owner")
+            if kid and kid not in owners:
+                key = w.keys.get(kid)
+                owners[kid] = key.name if key is not None else kid
     return _page(request, "batches.html", {
         "viewer": who, "rows": list(zip(rows, bars, strict=True)), "page": n, "more": more,
-        "segments": SEGMENTS, "live": live, "admin": who.key.is_admin,
+        "segments": SEGMENTS, "live": live, "admin": who.key.is_admin, "owners": owners,
     })
 
 
