@@ -92,3 +92,31 @@ def test_config_as_dict_and_json_storage(tmp_path, corpus):
     rec = row["scalecap_record"]
     assert len(rec["object_questions"]) == 1 and len(rec["position_questions"]) == 1
     assert rec["meta"]["config_hash"] == op.config.config_hash()
+
+
+def test_without_dataflow_installed_the_operator_still_works(tmp_path, corpus):
+    """`dataflow` made unimportable in a fresh interpreter: plain base classes, same behaviour."""
+    import subprocess
+    import sys
+
+    src = write_jsonl(tmp_path / "in.jsonl", [json.dumps({"image": str(corpus["png"])})])
+    code = (
+        "import sys, json\n"
+        "sys.modules['dataflow'] = None\n"
+        "from scalecap import FileStorage, ImageScaleCaptionGenerate\n"
+        "from scalecap.dataflow_compat import HAVE_DATAFLOW\n"
+        "from tests.scripted_vlm import ScriptedVLM\n"
+        f"step = FileStorage({str(src)!r}, cache_path={str(tmp_path / 'c')!r}).step()\n"
+        "op = ImageScaleCaptionGenerate(ScriptedVLM(), {'max_questions': 1})\n"
+        "keys = op.run(step)\n"
+        "op.close()\n"
+        "print(json.dumps([HAVE_DATAFLOW, keys, step.last_written, op.vlm_serving.closed,"
+        " 'dataflow.core' in sys.modules]))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    have, keys, written, closed, loaded = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (have, keys, closed, loaded) == (False, ["scalecap_record"], True, False)
+    (row,) = [json.loads(x) for x in Path(written).read_text().splitlines()]
+    assert row["scalecap_record"]["final_caption"]
