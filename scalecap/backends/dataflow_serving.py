@@ -17,7 +17,7 @@ Servings take image *paths*, so each image the chain loaded is written once as a
 temporary folder (removed when the image is released or the backend closes). Servings are blocking
 and not always thread-safe (vLLM's `LLM`), so one dispatcher calls the serving at a time in a worker
 thread, merging whatever requests of concurrent images are waiting into one call. Generation limits
-(max tokens, temperature) are the serving's own settings; `finish_reason` is unknown (None).
+(max tokens, temperature) are the serving's own settings; token counts and `finish_reason` are unknown.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ class DataFlowServingBackend:
             if bad:
                 fut.set_exception(BackendError(f"{self.model_name}: the serving returned {bad[0]!r}"))
             else:
-                fut.set_result([GenerateResult(text=t, completion_tokens=len(t.split())) for t in mine])
+                fut.set_result([GenerateResult(text=t) for t in mine])  # token counts unknown
 
     def _call(self, requests: list[GenerateRequest]) -> list[Any]:
         """Blocking: every request through the serving, grouped by (has image, system prompt)."""
