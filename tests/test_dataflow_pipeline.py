@@ -284,3 +284,28 @@ def test_other_dataflow_operators_can_use_our_engine_as_their_serving(tmp_path, 
     expected = [script._answer(GenerateRequest(prompt=f"row {i}", max_tokens=1024)).text for i in (1, 2, 3)]
     assert [r["reply"] for r in rows] == expected
     assert handle.cleanups == 1 and vlm.closes == 1, "released once, after the second operator"
+
+
+def test_batched_pipeline_with_dataflows_batched_storage(tmp_path, source):
+    from dataflow.pipeline import BatchedPipelineABC
+    from dataflow.utils.storage import BatchedFileStorage
+
+    class Batched(BatchedPipelineABC):
+        def __init__(self, storage, vlm):
+            super().__init__()
+            self.storage = storage
+            self.captioner = ImageScaleCaptionGenerate(vlm, CONFIG)
+
+        def forward(self):
+            self.captioner.run(storage=self.storage.step(), input_image_key="image", output_key="rec")
+
+    vlm = CountingVLM()
+    storage = BatchedFileStorage(str(source), cache_path=str(tmp_path / "cache"), file_name_prefix="b")
+    pipe = Batched(storage, vlm)
+    pipe.compile()
+    pipe.forward(batch_size=2)
+    rows = read_jsonl(tmp_path / "cache" / "b_step1.jsonl")
+    assert [r["id"] for r in rows] == [1, 2, 3], "two batches, appended in order"
+    assert rows[0]["rec"]["final_caption"] and rows[2]["rec"]["error"]["type"] == "ImageNotFound"
+    caption_calls = [r for kind, reqs in vlm.calls if kind == "generate" for r in reqs if r.image is not None]
+    assert caption_calls and vlm.closes == 1
