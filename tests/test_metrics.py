@@ -140,11 +140,11 @@ def test_retries_and_dead_letters_are_counted(fleet: Fleet):
 
 
 def test_healthz_fails_while_an_image_is_stuck_and_recovers(fleet: Fleet):
-    """An engine that stops finishing images (here: one that takes 8 s against a 2 s stall limit)
+    """An engine that stops finishing images (here: one that takes 5 s against a 2 s stall limit)
     fails liveness while it is stuck, then passes again."""
     (port,) = free_ports(1)
     fleet.worker("--backend", "tests.fleet_vlms:FleetVLM", "--model", "scripted", "--concurrency", "2",
-                 "--backend-option=slow_colour=\"black\"", "--backend-option=slow_seconds=8",
+                 "--backend-option=slow_colour=\"black\"", "--backend-option=slow_seconds=5",
                  "--metrics-port", str(port),
                  env={"SCALECAP_METRICS_HOST": "127.0.0.1", "SCALECAP_STALL_TIMEOUT": "2"})
     assert probe(port, "/healthz")[0] == 200
