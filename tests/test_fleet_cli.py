@@ -26,11 +26,6 @@ def test_every_command_has_help(command, capsys):
         assert all(name in out for name in COMMANDS)
 
 
-def test_api_is_not_available_yet(capsys):
-    assert main(["api"]) == 2
-    assert "not available yet" in capsys.readouterr().err
-
-
 @pytest.mark.services
 def test_producer_commands_never_import_torch_or_vllm(redis_url, tmp_path):
     """submit, status, results and cancel in a fresh interpreter; no engine library is loaded."""
