@@ -40,6 +40,14 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
 
 
 @pytest.fixture(scope="module")
+def browser(launch_browser: Any) -> Any:
+    """One Chromium for this module, closed with it (the plugin's own lives for the session)."""
+    b = launch_browser()
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
 def browser_context_args(site: Site) -> dict[str, Any]:
     return {"base_url": site.url, "viewport": {"width": 1280, "height": 900}, "device_scale_factor": 1}
 
