@@ -139,6 +139,27 @@ def test_retries_and_dead_letters_are_counted(fleet: Fleet):
     assert value(m, "scalecap_worker_stage_seconds_count", stage="caption") == 1
 
 
+def test_io_worker_counts_webhook_attempts(fleet: Fleet, webhook_receiver):
+    """The I/O worker is ready without an engine and counts each delivery attempt: the receiver
+    refuses the first, accepts the scheduled retry."""
+    fleet.scripted()
+    (port,) = free_ports(1)
+    env = {"SCALECAP_METRICS_HOST": "127.0.0.1", "SCALECAP_WEBHOOK_SECRET": webhook_receiver.secret}
+    fleet.worker("--io", "--metrics-port", str(port), env=env)
+    status, report = probe(port, "/readyz")
+    assert status == 200 and report["engine_ready"] and report["consuming"]
+    webhook_receiver.fail_next(1)
+    images = make_images(fleet.tmp / "imgs", ["red"])
+    client = fleet.client()
+    client.submit([str(p) for p in images], sink="redis", model="scripted", webhook=webhook_receiver.url)
+    assert [r.status for r in webhook_receiver.wait_for(2, timeout=60)] == [500, 200]
+    wait_until(lambda: value(scrape(port), "scalecap_worker_webhooks_total", outcome="delivered") == 1,
+               timeout=10, what="the delivery in the metrics")
+    m = scrape(port)
+    assert value(m, "scalecap_worker_webhooks_total", outcome="not_delivered") == 1
+    assert value(m, "scalecap_worker_images_total") == 0
+
+
 def test_healthz_fails_while_an_image_is_stuck_and_recovers(fleet: Fleet):
     """An engine that stops finishing images (here: one that takes 5 s against a 2 s stall limit)
     fails liveness while it is stuck, then passes again."""

@@ -68,8 +68,9 @@ RETRIES = Counter(
 DEAD_LETTERS = Counter(
     "scalecap_worker_dead_letters", "Jobs this worker moved to the dead-letter list", ["model"])
 WEBHOOKS = Counter(
-    "scalecap_worker_webhooks", "Webhook events handled by an I/O worker: delivered, not_delivered (failed "
-    "after its attempts, or nothing to send), error (the task raised)", ["outcome"])
+    "scalecap_worker_webhooks", "Webhook delivery attempts of an I/O worker: delivered, not_delivered "
+    "(this attempt failed and a retry is scheduled or the event gave up, or nothing to send), error "
+    "(the task raised)", ["outcome"])
 READY = Gauge("scalecap_worker_ready", "1 while ready: engine up, consuming, live, not shutting down")
 HEARTBEAT_AGE = Gauge(
     "scalecap_worker_heartbeat_age_seconds",
