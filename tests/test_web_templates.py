@@ -74,3 +74,18 @@ def test_post_login_destinations_stay_on_this_site():
     for bad in ("https://evil.example/", "//evil.example", "/\\evil.example", "/\t/evil.example",
                 "javascript:alert(1)", "", None):
         assert _safe_next(bad) == "/", bad
+
+
+def test_viewer_routes_are_mounted_and_stay_out_of_the_openapi_schema():
+    """The API's schema (schemathesis, the auth matrix) covers /v1 only; the pages are cookie
+    routes of their own. Building the app opens no connection, so no server is needed here."""
+    from producer.api.app import create_app
+    from scalecap.settings import Settings
+
+    app = create_app(Settings(broker_url="redis://127.0.0.1:1/0"))
+    hidden = {r.path for r in app.routes if getattr(r, "include_in_schema", True) is False}
+    pages = {"/", "/login", "/logout", "/progress", "/static/viewer.css", "/batches/{batch_id}",
+             "/batches/{batch_id}/progress", "/batches/{batch_id}/cancel",
+             "/batches/{batch_id}/images/{job_id}", "/batches/{batch_id}/images/{job_id}/thumbnail"}
+    assert pages <= hidden
+    assert not pages & set(app.openapi()["paths"])
