@@ -1,8 +1,9 @@
 """Engine lifetime in a worker: one backend per process, shared by every job thread.
 
 The worker runs Celery's thread pool (no fork after the engine exists). Each task thread hands
-its image's coroutine to one BackgroundLoop, where the backend lives; with N threads there are N
-images in flight and the engine batches across all of them. The backend is created lazily, once,
+its chunk's image coroutines to one BackgroundLoop, where the backend lives (each cancelled at the
+job timeout); the chains admit `concurrency` images at once and the engine batches across all of
+them. The backend is created lazily, once,
 under a lock; chains (cheap) are cached per config hash and all share that backend.
 """
 
