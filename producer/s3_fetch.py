@@ -161,30 +161,19 @@ class S3Fetcher:
             reader, writer = await self._connection(host)
             try:
                 writer.write(request.encode())
-                status = await reader.readline()
-                if not status and attempt == 0:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError as exc:
+                    if attempt == 0 and not exc.partial:
+                        writer.close()
+                        continue
+                    raise
+                status, length, keep = self._parse_head(head)
+                if length is None or status != 200:
                     writer.close()
-                    continue
-                length, keep = None, True
-                for _ in range(_MAX_HEADER_LINES):
-                    line = await reader.readline()
-                    if line in (b"\r\n", b""):
-                        break
-                    name, _, value = line.decode("latin-1").partition(":")
-                    name = name.strip().lower()
-                    if name == "content-length":
-                        length = int(value)
-                    elif name == "connection" and value.strip().lower() == "close":
-                        keep = False
-                    elif name == "transfer-encoding":
-                        length = None
-                        keep = False
-                        break
-                if length is None or status.split(b" ", 2)[1:2] != [b"200"]:
-                    writer.close()
-                    raise _Fallback(status.decode("latin-1").strip())
+                    raise _Fallback(f"HTTP {status}")
                 body = await reader.readexactly(length)
-            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 writer.close()
                 if attempt == 0:
                     continue
@@ -199,6 +188,24 @@ class S3Fetcher:
             return body
         raise _Fallback("connection closed twice")
 
+    @staticmethod
+    def _parse_head(head: bytes) -> tuple[int, int | None, bool]:
+        """(status, Content-Length or None when the body is chunked or unsized, keep-alive)."""
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        length, keep = None, True
+        for line in lines[1:_MAX_HEADER_LINES]:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            if name == "content-length" and value.strip().isdigit():
+                length = int(value)
+            elif name == "connection" and value.strip().lower() == "close":
+                keep = False
+            elif name == "transfer-encoding":
+                return status, None, False
+        return status, length, keep
+
     async def _many(self, urls: Sequence[str]) -> list[bytes | None]:
         sem = asyncio.Semaphore(self.connections)
         out: list[bytes | None] = [None] * len(urls)
@@ -206,7 +213,8 @@ class S3Fetcher:
         async def one(i: int, url: str) -> None:
             async with sem:
                 try:
-                    out[i] = await asyncio.wait_for(self._get(url), self.timeout)
+                    async with asyncio.timeout(self.timeout):
+                        out[i] = await self._get(url)
                 except (_Fallback, OSError, ValueError, TimeoutError):
                     out[i] = None  # the caller's thread fetches it with boto3
 
