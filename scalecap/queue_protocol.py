@@ -528,7 +528,11 @@ class BatchStore:
         return [_decode(b) for b in self.r.zrangebyscore(FINISHED_KEY, "-inf", t, start=0, num=limit)]
 
     def forget_expired(self, now_t: float | None = None, limit: int = 1000) -> int:
-        """Index entries of batches whose keys expired with the retention: remove them."""
+        """Index entries of batches whose keys expired with the retention: remove them.
+
+        Retention 0 keeps everything until `purge`."""
+        if self.retention <= 0:
+            return 0
         t = (now_t or time.time()) - self.retention
         gone = 0
         for b in self.finished_before(t, limit):
