@@ -28,10 +28,12 @@ class Flower:
     def __init__(self, broker_url: str, log_path: Path) -> None:
         (self.port,) = free_ports(1)
         self.log_path = log_path
-        env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true"}  # Flower 2 guards its API
+        # As deploy/k8s/flower.yaml runs it: the broker from CELERY_BROKER_URL. Flower 2 guards its
+        # HTTP API unless told otherwise.
+        env = {**os.environ, "CELERY_BROKER_URL": broker_url, "FLOWER_UNAUTHENTICATED_API": "true"}
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", f"--broker={broker_url}", "flower",
+                [sys.executable, "-m", "celery", "flower",
                  f"--port={self.port}", "--address=127.0.0.1", "--inspect_timeout=3000"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
