@@ -328,3 +328,47 @@ def test_the_prestop_hook_lets_running_jobs_finish_and_hands_the_rest_back(docs,
         assert len(fleet.vlm_calls()) == 6, "no image ran twice"
     finally:
         fleet.close()
+
+
+@pytest.mark.services
+def test_the_redis_manifest_runs_on_a_real_redis_server(docs, tmp_path):
+    """The StatefulSet's redis-server arguments (the pod's $(REDIS_PASSWORD) expanded, a loopback
+    port added) start a real server with AOF and noeviction; its probe command passes with the
+    password and fails without; the Secret's broker-url shape logs in."""
+    import os
+    import time
+
+    import redis
+
+    from tests.fixtures_services import free_ports
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server")
+    (c,) = containers(by_kind(docs, "StatefulSet")["redis"])
+    password = "s3cret-for-the-test"
+    args = [a.replace("$(REDIS_PASSWORD)", password).replace("/data", str(tmp_path)) for a in c["args"][1:]]
+    (port,) = free_ports(1)
+    proc = subprocess.Popen([binary, *args, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        client = redis.Redis.from_url(f"redis://:{password}@127.0.0.1:{port}/0")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+                time.sleep(0.1)
+        config = client.config_get("*")
+        assert (config["appendonly"], config["maxmemory-policy"], config["dir"]) == ("yes", "noeviction",
+                                                                                      str(tmp_path))
+        probe = c["readinessProbe"]["exec"]["command"]
+        probe = [probe[0], probe[1], probe[2].replace("redis-cli", f"redis-cli -p {port}")]
+        env = {"PATH": os.environ["PATH"]}
+        assert subprocess.run(probe, env={**env, "REDIS_PASSWORD": password}, timeout=10).returncode == 0
+        assert subprocess.run(probe, env={**env, "REDIS_PASSWORD": "wrong"}, timeout=10).returncode != 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
