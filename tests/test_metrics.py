@@ -58,6 +58,22 @@ def probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
         return exc.code, json.loads(exc.read())
 
 
+def compose_healthcheck(port: int) -> int:
+    """Run docker-compose.yml's GPU worker healthcheck command here; its exit status."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text())
+    kind, *argv = compose["services"]["worker-gpu0"]["healthcheck"]["test"]
+    assert kind == "CMD" and argv[0] == "python"
+    env = {**os.environ, "SCALECAP_METRICS_PORT": str(port)}
+    return subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=30).returncode
+
+
 def test_counters_and_histograms_match_the_batch(fleet: Fleet):
     (port,) = free_ports(1)
     fleet.worker("--backend", "tests.test_metrics:FailingVLM", "--model", "scripted", "--concurrency", "2",
@@ -110,6 +126,7 @@ def test_counters_and_histograms_match_the_batch(fleet: Fleet):
     assert value(after, "scalecap_worker_dead_letters_total") == 0
     assert value(after, "scalecap_worker_ready") == 1
     assert probe(port, "/healthz")[0] == 200
+    assert compose_healthcheck(port) == 0
 
 
 def test_retries_and_dead_letters_are_counted(fleet: Fleet):
@@ -161,11 +178,11 @@ def test_io_worker_counts_webhook_attempts(fleet: Fleet, webhook_receiver):
 
 
 def test_healthz_fails_while_an_image_is_stuck_and_recovers(fleet: Fleet):
-    """An engine that stops finishing images (here: one that takes 5 s against a 2 s stall limit)
+    """An engine that stops finishing images (here: one that takes 7 s against a 2 s stall limit)
     fails liveness while it is stuck, then passes again."""
     (port,) = free_ports(1)
     fleet.worker("--backend", "tests.fleet_vlms:FleetVLM", "--model", "scripted", "--concurrency", "2",
-                 "--backend-option=slow_colour=\"black\"", "--backend-option=slow_seconds=5",
+                 "--backend-option=slow_colour=\"black\"", "--backend-option=slow_seconds=7",
                  "--metrics-port", str(port),
                  env={"SCALECAP_METRICS_HOST": "127.0.0.1", "SCALECAP_STALL_TIMEOUT": "2"})
     assert probe(port, "/healthz")[0] == 200
@@ -176,6 +193,7 @@ def test_healthz_fails_while_an_image_is_stuck_and_recovers(fleet: Fleet):
                            what="a failing liveness probe")
     assert report["in_flight"] == 1 and "none finished" in report["problems"][0]
     assert probe(port, "/readyz")[0] == 503
+    assert compose_healthcheck(port) != 0  # docker compose ps would call it unhealthy
     assert value(scrape(port), "scalecap_worker_images_in_flight") == 1
     assert client.wait(sub.batch_id, timeout=30)["done"] == 1
     wait_until(lambda: probe(port, "/healthz")[0] == 200, timeout=10, what="liveness back")
