@@ -1,9 +1,11 @@
 """Prometheus metrics and a liveness heartbeat for one `scalecap worker` process.
 
-The protocol code stays free of metric calls: Celery's task signals report every job's outcome,
-its retries and its time in the worker; the engine hands each record to `observe_record`, whose
-`meta` already carries seconds per chain stage and tokens. Metric names are a public interface
-(deploy/grafana/ and docs/deploy.md use them); rename only with both.
+The protocol code stays free of metric calls: Celery's task signals report each task's result
+(a chunk's images counted by outcome), whole-task retries and the task's time in the worker. The
+engine wraps each image's chain in `track` (in flight, progress for the stall check) and hands
+each record to `observe_record`, whose `meta` already carries seconds per chain stage and tokens.
+Metric names are a public interface (deploy/grafana/ and docs/deploy.md use them, and
+tests/test_metrics_dashboard.py checks the dashboard against them); rename only with both.
 
 `serve()` answers on `--metrics-port`:
 - `/metrics`: Prometheus text format;
