@@ -147,7 +147,7 @@ class ScriptedVLM:
             sentence = p.split('"')[1]
             yes = any(w.lower() in supported for w in re.findall(r"\w+", sentence))
             top = [{"yes": math.log(0.8 if yes else 0.1), "no": math.log(0.1 if yes else 0.8)}]
-            text = "yes" if yes else "no"
+            text = "Yes, it is." if yes else "No, it is not."  # cut to one token by the request
         elif p.startswith(INSTRUCTIONS_PREFIX):
             if self.objects_reply is not None:
                 text = self.objects_reply

@@ -342,6 +342,7 @@ def test_yesno_mode_keeps_supported_sentences():
     assert rec["golden_sentences"] == ["A red square fills the picture.", "The red square has sharp corners."]
     assert rec["sentence_scores"][1] < 0 < rec["sentence_scores"][0]
     assert not [k for k, _ in vlm.calls if k == "score"], "yes/no mode needs no teacher forcing"
+    assert rec["meta"]["truncated"] == [], "a one-token verdict is not a truncated generation"
 
 
 def test_score_mode_must_match_what_the_backend_returns():

@@ -102,8 +102,11 @@ class ImageContext:
             **kw,
         )
 
-    async def generate(self, backend: Backend, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        """Run requests; count tokens; note the stage when any generation hit its token limit."""
+    async def generate(
+        self, backend: Backend, requests: Sequence[GenerateRequest], *, one_token: bool = False
+    ) -> list[GenerateResult]:
+        """Run requests; count tokens; note the stage when any generation hit its token limit
+        (unless a single token is all that was asked for: a yes/no verdict)."""
         if not requests:
             return []
         results = await backend.generate(requests)
@@ -112,7 +115,7 @@ class ImageContext:
         for r in results:
             self.prompt_tokens += r.prompt_tokens
             self.completion_tokens += r.completion_tokens
-            if r.finish_reason == "length" and self.stage not in self.truncated:
+            if r.finish_reason == "length" and not one_token and self.stage not in self.truncated:
                 self.truncated.append(self.stage)
         return results
 

@@ -23,7 +23,7 @@ async def rate_yesno(ctx: ImageContext, statements: list[str]) -> list[float]:
     # yes/no is a judgement: always greedy whatever the caption sampling is.
     for r in requests:
         r.temperature = 0.0
-    return [yesno_score(r) for r in await ctx.generate(ctx.vlm, requests)]
+    return [yesno_score(r) for r in await ctx.generate(ctx.vlm, requests, one_token=True)]
 
 
 def rated_spans(text: str, truncated: bool) -> tuple[list[Span], bool]:
