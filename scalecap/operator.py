@@ -132,6 +132,8 @@ class ImageScaleCaptionGenerate(OperatorBase):  # type: ignore[misc, valid-type]
         spec = dict(self._spec)
         backend = spec.pop("backend", "vllm")
         model = spec.pop("model", None)
+        if backend == "dataflow" and self.config.sentence_filter == "contrastive":
+            raise ConfigError(CONTRASTIVE_UNSUPPORTED.format(name=spec.get("serving", "a DataFlow serving")))
         return self.loop.run(build_chain(backend, model, self.config, concurrency=self.concurrency, **spec))
 
     def _reopen(self) -> list[Backend]:

@@ -296,3 +296,12 @@ def test_dataflow_backend_alias_builds_the_serving(chat_server, monkeypatch):
         assert backend.serving.client.is_closed(), "a serving the backend built is cleaned up with it"
     finally:
         loop.stop()
+
+
+def test_dataflow_spec_in_contrastive_mode_is_refused_before_starting_anything(chat_server):
+    chat_server.seen.clear()
+    spec = {"backend": "dataflow", "model": "m", "serving": "APIVLMServing_openai",
+            "api_url": chat_server.base_url}
+    with pytest.raises(ConfigError, match="APIVLMServing_openai is a DataFlow serving"):
+        ImageScaleCaptionGenerate(spec)
+    assert chat_server.seen == []
