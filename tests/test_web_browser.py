@@ -233,10 +233,17 @@ def test_log_in_open_batch_open_image_see_dropped_sentences(page, site: Site):
         README_SHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, README_SHOT)
 
-    # the bad image's page shows its error record
-    page.go_back()
+    # step through the batch: the arrow key goes to the next image, the last one is the bad image
+    assert page.locator(".stepper").inner_text().startswith("image 1 of 4")
+    page.keyboard.press("ArrowRight")
+    page.wait_for_url("**?at=1")
+    assert page.locator(".final-caption").inner_text().startswith("FINAL[A green square")
+    page.goto(page.url.replace("?at=1", "?at=2"))  # a stale position: no stepper, the page still works
+    assert page.locator(".stepper").count() == 0 and page.locator(".final-caption").count() == 1
+    page.goto(f"/batches/{a}")
     page.locator(".tile", has_text="03-bad.jpg").locator("a").click()
     assert "NotAnImage" in page.locator(".alert").inner_text()
+    assert page.locator("a[rel=prev]").count() == 1 and page.locator("a[rel=next]").count() == 0
 
 
 def test_another_keys_batch_is_not_found(page, site: Site):

@@ -363,6 +363,7 @@ def batch_page(request: Request, batch_id: str, page: int | str = 1) -> Response
     return _page(request, "batch.html", {
         "viewer": who, "b": status, "bar": progress(status), "segments": SEGMENTS,
         "config": _batch_config(w, batch_id), "jobs": jobs, "page": n, "more": more,
+        "first": (n - 1) * IMAGES_PER_PAGE,
         "failed": failures.get("failed") or [], "dead": failures.get("dead_letters") or [],
         "error_types": error_types(failures.get("failed") or []), "now": time.time(),
     })
@@ -415,7 +416,7 @@ def _job_for(w: Web, who: Viewer, batch_id: str, job_id: str) -> tuple[dict[str,
 
 
 @router.get("/batches/{batch_id}/images/{job_id}")
-def image_page(request: Request, batch_id: str, job_id: str) -> Response:
+def image_page(request: Request, batch_id: str, job_id: str, at: int | str | None = None) -> Response:
     who = viewer(request)
     if who is None:
         return _to_login(request)
@@ -430,8 +431,26 @@ def image_page(request: Request, batch_id: str, job_id: str) -> Response:
     return _page(request, "image.html", {
         "viewer": who, "b": status, "job_id": job_id, "job": job,
         "ref": (row or {}).get("image") or job.get("ref"), "v": view,
-        "attempts": int(job.get("attempts") or 0),
+        "attempts": int(job.get("attempts") or 0), "nav": _neighbours(w, batch_id, job_id, at),
     })
+
+
+def _neighbours(w: Web, batch_id: str, job_id: str, at: Any) -> dict[str, Any] | None:
+    """Previous and next image around position `at` of the batch (the batch page's links carry
+    it), or None when `at` is missing or no longer points at this job."""
+    try:
+        n = int(at)
+    except (TypeError, ValueError):
+        return None
+    if n < 0:
+        return None
+    rows = w.client.jobs(batch_id, offset=max(n - 1, 0), limit=3)
+    here = 1 if n > 0 else 0
+    if len(rows) <= here or rows[here]["job_id"] != job_id:
+        return None
+    prev = (rows[here - 1]["job_id"], n - 1) if here else None
+    nxt = (rows[here + 1]["job_id"], n + 1) if len(rows) > here + 1 else None
+    return {"index": n, "prev": prev, "next": nxt, "page": n // IMAGES_PER_PAGE + 1}
 
 
 @router.get("/batches/{batch_id}/images/{job_id}/thumbnail")
