@@ -231,6 +231,9 @@ def test_probes_hit_declared_ports_and_worker_health_endpoints(docs):
                 annotations = d["spec"]["template"]["metadata"]["annotations"]
                 assert annotations["prometheus.io/port"] == str(ports["metrics"])
             if argv[:2] == ["scalecap", "api"]:
+                replicas = d["spec"]["replicas"]
+                env = {e["name"] for e in c["env"]}
+                assert replicas == 1 or "SCALECAP_SESSION_SECRET" in env, "replicas must share cookie keys"
                 assert ports["http"] == int(argv[argv.index("--port") + 1])
                 assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
                 # Not /readyz: it fails while KEDA holds the workers at zero, and a Service without
