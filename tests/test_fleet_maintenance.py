@@ -171,3 +171,29 @@ def test_worker_refuses_a_visibility_timeout_under_twice_the_job_timeout(redis_u
                           timeout=60, env=env)
     assert proc.returncode != 0
     assert "must be at least twice" in proc.stderr
+
+
+def test_records_go_to_a_separate_results_redis(redis_server, redis_url):
+    """SCALECAP_RESULTS_URL: the Redis sink writes there, state stays on the broker."""
+    import redis
+
+    from scalecap.queue_protocol import JobMessage
+    from workers.jobs import JobContext, process_chunk
+
+    results_url = f"{redis_server.url}/{redis_server.fresh_db()}"
+    settings = Settings(broker_url=redis_url, results_url=results_url)
+    c = FleetClient(settings)
+    sub = c.submit(["/x/1.png", "/x/2.png"], sink="redis", model="nobody", queue=Q)
+
+    class Runtime:
+        def caption_chunk(self, config, items, timeout):
+            return [{"final_caption": f"of {ref}", "meta": {"job_id": j}} for j, ref in items]
+
+    broker, results = redis.Redis.from_url(redis_url), redis.Redis.from_url(results_url)
+    ctx = JobContext(settings, broker, runtime=Runtime, results_client=results)
+    jobs = tuple((j["job_id"], j["image"]) for j in c.jobs(sub.batch_id))
+    assert process_chunk(ctx, JobMessage(sub.batch_id, jobs)) == {"done": 2}
+    assert len(results.keys("scalecap:result:*")) == 2 and broker.keys("scalecap:result:*") == []
+    rows = list(c.results(sub.batch_id))  # the client reads them back from the results Redis
+    assert sorted(r["image"] for r in rows) == ["/x/1.png", "/x/2.png"]
+    assert c.status(sub.batch_id)["state"] == "finished"
