@@ -75,7 +75,22 @@ def test_dashboard_is_well_formed(dashboard):
         assert {"h", "w", "x", "y"} <= set(p["gridPos"]) and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
         if p["type"] != "row":
             assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
-            assert all(t["expr"].count("(") == t["expr"].count(")") for t in p["targets"]), p["title"]
+
+
+def test_every_query_parses_as_promql(dashboard):
+    import promql_parser  # Prometheus' grammar (the promql-parser crate), a dev dependency
+
+    for expr in expressions(dashboard):
+        promql_parser.parse(grafana_to_promql(expr))
+    with pytest.raises(ValueError):  # the parser does refuse a broken query
+        promql_parser.parse("sum by (model (rate(scalecap_worker_images_total[5m]))")
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Grafana's variables replaced by what Grafana would put there."""
+    if expr.startswith("label_values("):  # a Grafana template function, not PromQL
+        return expr[len("label_values("):].split(",")[0]
+    return expr.replace("$__rate_interval", "1m").replace("$model", ".*")
 
 
 def problems(expr: str, names: dict[str, set[str]]) -> list[str]:
