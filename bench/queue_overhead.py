@@ -7,8 +7,10 @@ settings (thread pool, late acks, prefetch 1, JSON) and the same number of threa
          each task message carries K images (chunked messages); measured at the default K and
          at K = 1;
   bare:  a Celery worker whose task does nothing but INCR one counter (the completion signal).
-A further figure, the chain alone in one process on the same scripted VLM (no queue), shows how
-much of the fleet's per-image cost is the chain's own Python rather than the queue.
+Two further figures: the chain alone in one process on the same scripted VLM (no queue) shows how
+much of the fleet's per-image cost is the chain's own Python rather than the queue; the
+protocol alone (the same worker code, workers.tasks and workers.jobs, on a runtime that answers
+at once with a small record, no chain) is the queue protocol's own throughput.
 Each run publishes all jobs with the same batched publishing and ends when the last one is done;
 a warm-up batch runs first on each path and is not measured. Redis commands per image come from
 the INFO commandstats delta over the measured window (scripts' inner commands included; the
@@ -121,6 +123,35 @@ def serve_noop(broker_url: str, concurrency: int) -> int:
                         without_gossip=True, without_mingle=True, without_heartbeat=True,
                         optimization="fair")
     print(" ready.", flush=True)  # Celery logs at WARNING here, so say it ourselves
+    worker.start()
+    return int(worker.exitcode or 0)
+
+
+class NullRuntime:
+    """An engine runtime that returns a small fixed record at once: the fleet's queue protocol,
+    bookkeeping and Redis sink without the chain's Python (the `protocol only` path)."""
+
+    def caption_chunk(self, config: Any, items: list[tuple[str, str]], timeout: Any) -> list[Any]:
+        return [{"final_caption": "", "meta": {"job_id": j}} for j, _ in items]
+
+
+def serve_fleet_noop(broker_url: str, concurrency: int) -> int:
+    """A fleet worker (workers.tasks, workers.jobs: the real protocol) on NullRuntime."""
+    from scalecap.queue_app import create_app
+    from scalecap.queue_protocol import gpu_queue, quarantine_queue
+    from scalecap.settings import Settings
+    from workers import engine
+    from workers.tasks import register_tasks
+
+    settings = Settings.from_env(broker_url=broker_url)
+    engine.configure(NullRuntime())  # type: ignore[arg-type]
+    app = register_tasks(create_app(settings))
+    q = gpu_queue("scripted")
+    worker = app.Worker(queues=[q, quarantine_queue(q)], pool="threads", concurrency=concurrency,
+                        loglevel="WARNING", hostname=f"bench-protocol@{socket.gethostname()}",
+                        without_gossip=True, without_mingle=True, without_heartbeat=True,
+                        optimization="fair")
+    print(" ready.", flush=True)
     worker.start()
     return int(worker.exitcode or 0)
 
@@ -250,11 +281,14 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    help="images per task message of the fleet path (K = 1 is measured too)")
     p.add_argument("--output-json", default=None)
     p.add_argument("--serve-noop", default=None, metavar="BROKER_URL", help=argparse.SUPPRESS)
+    p.add_argument("--serve-fleet-noop", default=None, metavar="BROKER_URL", help=argparse.SUPPRESS)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.serve_noop:
         raise SystemExit(serve_noop(args.serve_noop, args.concurrency))
+    if args.serve_fleet_noop:
+        raise SystemExit(serve_fleet_noop(args.serve_fleet_noop, args.concurrency))
     from PIL import Image
 
     from producer.client import FleetClient
@@ -301,6 +335,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             run_fleet(client, r, refs[: args.warmup_jobs], {"bench": f"warmup-{k}"}, k)
             fleet[k] = [run_fleet(client, r, refs, {"bench": f"{k}-{i}"}, k) for i in range(args.repeats)]
             stop(fleet_proc)
+        # The protocol alone (no chain): the same worker code on a runtime that answers at once.
+        k = args.chunk_size
+        proto_proc = start_worker(["-m", "bench.queue_overhead", "--serve-fleet-noop", url,
+                                   "--concurrency", str(args.concurrency)],
+                                  {**env, "SCALECAP_CHUNK_SIZE": str(k)}, tmp / "protocol.log")
+        procs.append(proto_proc)
+        run_fleet(client, r, refs[: args.warmup_jobs], {"bench": "warmup-protocol"}, k)
+        protocol = [run_fleet(client, r, refs, {"bench": f"protocol-{i}"}, k) for i in range(args.repeats)]
+        stop(proto_proc)
         chain_alone = [run_chain_alone(refs, [str(tmp)], args.concurrency) for _ in range(args.repeats)]
     finally:
         for p in procs:
@@ -335,16 +378,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_size": args.chunk_size,
         "bare": bare_p,
         "fleet": {str(k): path(runs) for k, runs in fleet.items()},
+        "protocol_only": path(protocol),
         "chain_alone_images_per_s": round(statistics.median(chain_alone), 1),
     }
     for p in result["fleet"].values():
         p["vs_bare_ratio"] = round(p["images_per_s"] / bare_p["images_per_s"], 3)
         p["vs_chain_alone_ratio"] = round(p["images_per_s"] / result["chain_alone_images_per_s"], 3)
+    proto = result["protocol_only"]
+    proto["vs_bare_ratio"] = round(proto["images_per_s"] / bare_p["images_per_s"], 3)
     main_p = result["fleet"][str(args.chunk_size)]
     result["targets_met"] = {
         "commands_per_image_le_14": main_p["redis_commands_per_image"] <= 14,
         "redis_usec_per_image_le_100": main_p["redis_commandstats_usec_per_image"] <= 100,
         "fleet_ge_0_9_bare": main_p["vs_bare_ratio"] >= 0.9,
+        "protocol_only_ge_0_9_bare": proto["vs_bare_ratio"] >= 0.9,
     }
     print_result(result)
     write_json(args.output_json, result)
@@ -373,6 +420,14 @@ def print_result(r: dict[str, Any]) -> None:
         ]
         extra.append(f"Fleet K={k} Redis commands per image, by command (cmds)")
         extra += [f"  {name:<42}{v:>20}" for name, v in p["commands_per_image_top"].items()]
+    p = r["protocol_only"]
+    k = r["chunk_size"]
+    rows += [
+        (f"Protocol only K={k}, no chain (img/s)", p["images_per_s"]),
+        (f"Protocol only K={k} / bare (ratio)", p["vs_bare_ratio"]),
+        ("Redis commands per image, protocol (cmds)", p["redis_commands_per_image"]),
+        ("Redis usec per image, protocol (us)", p["redis_commandstats_usec_per_image"]),
+    ]
     rows += [(f"Target met: {name}", "yes" if ok else "NO") for name, ok in r["targets_met"].items()]
     print_table("ScaleCap queue overhead (fleet vs bare Celery)", rows, extra=extra)
 

@@ -45,4 +45,6 @@ def test_queue_overhead_bench_runs(tmp_path):
     assert k1["redis_commands_per_image"] > k16["redis_commands_per_image"] > 0  # chunks save commands
     assert k1["redis_commands_per_image"] > res["bare"]["redis_commands_per_image"] > 0
     assert k16["redis_commandstats_usec_per_image"] > 0 and set(res["targets_met"]) == {
-        "commands_per_image_le_14", "redis_usec_per_image_le_100", "fleet_ge_0_9_bare"}
+        "commands_per_image_le_14", "redis_usec_per_image_le_100", "fleet_ge_0_9_bare",
+        "protocol_only_ge_0_9_bare"}
+    assert res["protocol_only"]["images_per_s"] > 0 and "Protocol only K=16" in r.stdout
