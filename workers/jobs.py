@@ -242,7 +242,10 @@ def _process(ctx: JobContext, msg: JobMessage) -> dict[str, int]:
                 to_run.append((j, refs[j]))
 
     if to_run and sink is not None:
-        records = ctx.runtime().caption_chunk(meta.config, to_run, s.job_timeout or None)
+        try:
+            records: list[Any] = ctx.runtime().caption_chunk(meta.config, to_run, s.job_timeout or None)
+        except Exception as exc:  # no chain for this config, the engine gone: each job's failure
+            records = [exc] * len(to_run)
         for (j, ref), record in zip(to_run, records, strict=True):
             outcomes.append(_write(sink, b, j, ref, record))
         failpoints.hit("after_sink_write")
