@@ -294,6 +294,8 @@ def test_dataflow_backend_alias_builds_the_serving(chat_server, monkeypatch):
         assert "green" in res.text
         loop.run(backend.aclose())
         assert backend.serving.client.is_closed(), "a serving the backend built is cleaned up with it"
+        with pytest.raises(ConfigError, match="needs serving="):
+            loop.run(create_backend("dataflow", "no-serving-named"))
     finally:
         loop.stop()
 

@@ -133,10 +133,15 @@ class DataFlowServingBackend:
 
     @classmethod
     async def create(
-        cls, model: str, *, serving: str | type, **serving_options: Any
+        cls, model: str, *, serving: str | type | None = None, **serving_options: Any
     ) -> DataFlowServingBackend:
         """Build the serving class (a name such as 'APIVLMServing_openai', or 'module:Class') with
         `model` as its model argument and `serving_options` as its other arguments."""
+        if serving is None:
+            raise ConfigError(
+                "the dataflow backend needs serving='APIVLMServing_openai' (a DataFlow serving class "
+                "name or 'module:Class') and that class's arguments; or pass a serving object to the operator"
+            )
         serving_cls = load_serving_class(serving) if isinstance(serving, str) else serving
         params = inspect.signature(serving_cls).parameters
         for arg in ("model_name", "hf_model_name_or_path"):
