@@ -9,6 +9,7 @@ When nothing passes, `golden_fallback` decides: the whole caption, the best sent
 from __future__ import annotations
 
 from scalecap import prompts
+from scalecap.backends.base import GenerateResult
 from scalecap.rating import RatedSentence, select, units_of, yesno_score
 from scalecap.sentences import Span, clean, split_spans
 from scalecap.stages.context import ImageContext, UnusableText
@@ -35,7 +36,10 @@ def rated_spans(text: str, truncated: bool) -> tuple[list[Span], bool]:
 
 
 async def rate_texts(
-    ctx: ImageContext, items: list[tuple[str, str, object]], truncated: list[bool], threshold: float
+    ctx: ImageContext,
+    items: list[tuple[str, str, GenerateResult | None]],
+    truncated: list[bool],
+    threshold: float,
 ) -> list[list[RatedSentence]]:
     """Rate several (prompt, text, generation or None) replies; one engine call for all."""
     cfg = ctx.config
@@ -52,7 +56,7 @@ async def rate_texts(
                 rated.append(RatedSentence(sentence, score, sentence if score > threshold else None, [score]))
             out.append(rated)
         return out
-    deltas = await ctx.deltas(items, cfg.score_mode)  # type: ignore[arg-type]
+    deltas = await ctx.deltas(items, cfg.score_mode)
     return [
         select(text, sp, d, unit=cfg.filter_unit, threshold=threshold)
         for (_, text, _), sp, d in zip(items, spans, deltas, strict=True)
