@@ -645,6 +645,8 @@ def _finish(im: Image.Image, limits: ImageLimits, desc: str, *, in_place: bool) 
             im = ImageOps.exif_transpose(im)
     except Exception as exc:  # a damaged EXIF block should not cost the image
         log.debug("%s: EXIF orientation ignored: %s", desc, exc)
+    if im.mode in _HIGH_DEPTH:  # to 8-bit greyscale, then scaled while it is a byte a pixel
+        im = _fit(_deep_to_l(im), limits)
     out = _fit(_to_rgb(im, desc), limits)
     return out.copy() if out is original and not in_place else out
 
