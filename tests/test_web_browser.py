@@ -228,6 +228,10 @@ def test_log_in_open_batch_open_image_see_dropped_sentences(page, site: Site):
     page.emulate_media(color_scheme="dark")
     shot(page, "04-caption-viewer-dark")
     page.emulate_media(color_scheme="light")
+    page.set_viewport_size({"width": 390, "height": 844})
+    shot(page, "04-caption-viewer-phone")
+    assert page.evaluate("document.documentElement.scrollWidth <= innerWidth + 1"), "no sideways scroll"
+    page.set_viewport_size({"width": 1280, "height": 900})
     path = shot(page, "04-caption-viewer")
     if os.environ.get("SCALECAP_UPDATE_SCREENSHOTS") == "1":
         README_SHOT.parent.mkdir(parents=True, exist_ok=True)
