@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import statistics
 import sys
 import tarfile
@@ -44,6 +45,20 @@ def _shard(path: Path, n: int) -> None:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
+
+
+def _cpu_self() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _cpu_pid(pid: int) -> float:
+    """CPU seconds of another process (the S3 server, redis-server) from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def _before(client: Any, batch_id: str, out: Path) -> tuple[float, set[str]]:
@@ -113,13 +128,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         _before(client, sub.batch_id, tmp / "warm.jsonl")  # warm-up: connections, page cache
         _now(client, sub.batch_id, tmp / "warm2.jsonl", "jsonl", args.connections)
         runs: dict[str, list[float]] = {"before": [], "jsonl": [], "parquet": []}
+        cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
         reference: set[str] | None = None
+        servers = (s3.proc.pid, redis_proc.pid)  # type: ignore[union-attr]
         for _ in range(args.repeats):
             for name in runs:
+                c0, s0 = _cpu_self(), sum(_cpu_pid(p) for p in servers)
                 if name == "before":
                     s, seen = _before(client, sub.batch_id, tmp / "before.jsonl")
                 else:
                     s, seen = _now(client, sub.batch_id, tmp / f"now.{name}", name, args.connections)
+                cpu[name].append((_cpu_self() - c0, sum(_cpu_pid(p) for p in servers) - s0))
                 reference = reference or seen
                 if seen != reference or len(seen) != args.records:
                     raise SystemExit(f"{name}: rows differ from the other paths ({len(seen)} rows)")
@@ -132,6 +151,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         redis_proc.wait(10)
 
     med = {k: round(statistics.median(v), 1) for k, v in runs.items()}
+
+    def ms(name: str, i: int) -> float:
+        return round(1000 * statistics.median(c[i] for c in cpu[name]) / args.records, 3)
+
     result = {
         "records": args.records,
         "repeats": args.repeats,
@@ -141,6 +164,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "export_jsonl_records_per_s": med["jsonl"],
         "export_parquet_records_per_s": med["parquet"],
         "runs_records_per_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+        "client_cpu_ms_per_record": {k: ms(k, 0) for k in runs},
+        "server_cpu_ms_per_record": {k: ms(k, 1) for k in runs},
         "jsonl_vs_before_ratio": round(med["jsonl"] / med["before"], 2),
         "parquet_vs_before_ratio": round(med["parquet"] / med["before"], 2),
         "cpu_count": os.cpu_count(),
@@ -152,10 +177,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         ("Now: windowed export, Parquet (rec/s)", result["export_parquet_records_per_s"]),
         ("Ratio JSONL now / before (x)", result["jsonl_vs_before_ratio"]),
         ("Ratio Parquet now / before (x)", result["parquet_vs_before_ratio"]),
+        ("CPU before, client+S3+Redis (ms/rec)",
+         f"{ms('before', 0)}+{ms('before', 1)}"),
+        ("CPU now JSONL, client+S3+Redis (ms/rec)", f"{ms('jsonl', 0)}+{ms('jsonl', 1)}"),
     ]
     extra = [f"runs (rec/s): {json.dumps(result['runs_records_per_s'])}",
              f"{args.connections} GETs in flight; same redis-server and SeaweedFS for every path; "
-             f"{os.cpu_count()} CPUs"]
+             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end "
+             "(other work on the machine slows both paths)"]
     print_table("ScaleCap export throughput (S3 sink)", rows, extra=extra)
     write_json(args.output_json, result)
     return result
