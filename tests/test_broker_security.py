@@ -201,11 +201,10 @@ def test_a_failing_run_prints_no_secret(secure_redis, tmp_path):
         outputs += [r.stdout, r.stderr]
         batch_id = json.loads(r.stdout.strip().splitlines()[0])["batch_id"]
 
-        def attempted() -> Any:
-            st = cli("status", batch_id, env=fleet.env)
-            return st if json.loads(st.stdout).get("webhook_attempts") else None
-
-        st = wait_until(attempted, timeout=60, interval=1.0, what="a webhook attempt")
+        client = fleet.client()
+        wait_until(lambda: client.status(batch_id)["webhook_attempts"], timeout=60, interval=0.2,
+                   what="a webhook attempt")  # fmt: skip
+        st = cli("status", batch_id, env=fleet.env)
         outputs += [st.stdout, st.stderr]
         status = json.loads(st.stdout)
         assert status["webhook"].endswith("/hook?…") and status["failed"] == 1
