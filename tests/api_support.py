@@ -30,7 +30,7 @@ MODEL = "scripted"
 IDLE_MODEL = "no-workers"
 """A model no worker holds: its jobs stay queued (quota, cancel and timeout tests)."""
 MAX_BODY = 256 * 1024
-MAX_UPLOAD = 24 * 1024 * 1024
+MAX_UPLOAD = 48 * 1024 * 1024
 
 
 @dataclass

@@ -23,6 +23,7 @@ from producer.api.auth import owns, require
 from producer.api.limits import is_ndjson, read_json, too_large
 from producer.api.models import (
     BATCH_ID_PATTERN,
+    MODEL_PATTERN,
     BatchAccepted,
     BatchList,
     BatchRequest,
@@ -31,6 +32,7 @@ from producer.api.models import (
     JobPage,
     SubmitCounts,
 )
+from producer.api.params import no_unknown_query
 from producer.api.problems import ApiProblem, bad_request, not_found, responses
 from producer.api.quota import capped
 from producer.api.refs import RefError, check_ref, checked_rows
@@ -42,7 +44,7 @@ from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.errors import ConfigError
 from scalecap.queue_protocol import gpu_queue
 
-router = APIRouter(prefix="/v1", tags=["batches"])
+router = APIRouter(prefix="/v1", tags=["batches"], dependencies=[Depends(no_unknown_query)])
 
 _BATCH_ID = re.compile(BATCH_ID_PATTERN)
 _JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
@@ -179,7 +181,8 @@ async def create_batch(
     key: ApiKey = Depends(require("submit")),
     idempotency_key: str | None = Header(default=None, max_length=200,
                                          description="Retries with the same key return the same batch"),
-    model: str | None = Query(default=None, max_length=512, description="Uploads: the model"),
+    model: str | None = Query(default=None, max_length=512, pattern=MODEL_PATTERN,
+                              description="Uploads: the model"),
     sink: str = Query(default="redis", max_length=2048, description="Uploads: 'redis' or s3://bucket/prefix"),
     webhook: str | None = Query(default=None, max_length=4096, description="Uploads: webhook URL"),
     webhook_jobs: bool = Query(default=False, description="Uploads: a job.completed event per image"),

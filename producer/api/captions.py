@@ -19,6 +19,7 @@ from producer.api.auth import owns, require
 from producer.api.batches import batch_id_for, chain_config, queue_for, quota_exceeded, status_or_none
 from producer.api.limits import read_json
 from producer.api.models import CaptionRequest, CaptionResult
+from producer.api.params import no_unknown_query
 from producer.api.problems import ApiProblem, bad_request, responses
 from producer.api.refs import RefError, check_ref
 from producer.sources import SourceRow
@@ -26,7 +27,7 @@ from scalecap.api_keys import ApiKey
 from scalecap.errors import ConfigError
 from scalecap.queue_protocol import new_batch_id
 
-router = APIRouter(prefix="/v1", tags=["captions"])
+router = APIRouter(prefix="/v1", tags=["captions"], dependencies=[Depends(no_unknown_query)])
 
 
 def _result(request: Request, batch_id: str, client: Any) -> CaptionResult:

@@ -13,15 +13,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from producer.api.batches import queue_for
-from producer.api.models import Health, Readiness
+from producer.api.models import MODEL_PATTERN, Health, Readiness
+from producer.api.params import no_unknown_query
 from producer.api.problems import responses
 from scalecap import worker_presence
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], dependencies=[Depends(no_unknown_query)])
 
 CACHE_SECONDS = 5.0
 INSPECT_TIMEOUT = 1.0
@@ -36,33 +37,37 @@ def _remote_control(settings: Any) -> bool:
     return bool(getattr(settings, "remote_control", True))
 
 
-def _inspect_workers(client: Any, queue: str) -> list[str]:
+def _consumers(client: Any) -> dict[str, list[str]]:
+    """queue -> nodes consuming it, from one `inspect active_queues` broadcast."""
     replies = client.app.control.inspect(timeout=INSPECT_TIMEOUT).active_queues() or {}
-    return sorted(node for node, queues in replies.items()
-                  if any(q.get("name") == queue for q in queues or []))
+    out: dict[str, list[str]] = {}
+    for node, queues in replies.items():
+        for q in queues or []:
+            out.setdefault(str(q.get("name")), []).append(node)
+    return out
 
 
 def workers_for(request: Request, queue: str) -> tuple[list[str], str]:
+    """Nodes consuming `queue`, and the signal that saw them; answers are cached a few seconds."""
     st = request.app.state
-    signal = "inspect" if _remote_control(st.settings) else "heartbeat"
-    cache: dict[str, tuple[float, list[str]]] = st.ready_cache
+    cache: dict[str, tuple[float, Any]] = st.ready_cache
+    if _remote_control(st.settings):
+        hit = cache.get("inspect")
+        if not hit or time.monotonic() - hit[0] >= CACHE_SECONDS:
+            hit = cache["inspect"] = (time.monotonic(), _consumers(st.client))
+        return sorted(hit[1].get(queue, [])), "inspect"
     hit = cache.get(queue)
-    if hit and time.monotonic() - hit[0] < CACHE_SECONDS:
-        return hit[1], signal
-    if signal == "inspect":
-        nodes = _inspect_workers(st.client, queue)
-    else:
-        nodes = worker_presence.seen(st.client.redis, queue)
-    if len(cache) > 256:
-        cache.clear()
-    cache[queue] = (time.monotonic(), nodes)
-    return nodes, signal
+    if not hit or time.monotonic() - hit[0] >= CACHE_SECONDS:
+        if len(cache) > 256:
+            cache.clear()
+        hit = cache[queue] = (time.monotonic(), worker_presence.seen(st.client.redis, queue))
+    return list(hit[1]), "heartbeat"
 
 
 @router.get("/readyz", response_model=Readiness, summary="Redis reachable and workers seen for the model",
             responses={503: {"model": Readiness, "description": "Not ready"}, **responses(400)})
 def readyz(request: Request,
-           model: str | None = Query(default=None, max_length=512,
+           model: str | None = Query(default=None, max_length=512, pattern=MODEL_PATTERN,
                                      description="Model to check (default: the server's)")) -> Any:
     settings = request.app.state.settings
     model = model or settings.model

@@ -7,6 +7,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 BATCH_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+MODEL_PATTERN = r"^(?:[A-Za-z0-9._:@+-]*/)*[A-Za-z0-9._:@+-]*[A-Za-z0-9][A-Za-z0-9._:@+-]*/*$"
+"""A hub id or a path whose last part names the model (it becomes the queue name)."""
 
 
 class BatchRequest(BaseModel):
@@ -21,7 +23,7 @@ class BatchRequest(BaseModel):
     source: str | None = Field(
         default=None, description="Instead of images: s3://bucket/prefix/ (every image under it) "
                                   "or s3://bucket/manifest.jsonl", max_length=2048)
-    model: str | None = Field(default=None, max_length=512,
+    model: str | None = Field(default=None, max_length=512, pattern=MODEL_PATTERN,
                               description="Model whose workers run the jobs (default: the server's)")
     config: dict[str, Any] | None = Field(default=None, description="ScaleCap config fields")
     sink: str = Field(default="redis", max_length=2048, description="'redis' or s3://bucket/prefix")
@@ -40,7 +42,7 @@ class CaptionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(description="One image reference (as in BatchRequest.images)")
-    model: str | None = Field(default=None, max_length=512)
+    model: str | None = Field(default=None, max_length=512, pattern=MODEL_PATTERN)
     config: dict[str, Any] | None = None
 
 

@@ -139,6 +139,12 @@ def rewrite_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                 is_problem = not r.get("content") or js.get("$ref", "").endswith("/Problem")
                 if code.isdigit() and int(code) >= 400 and is_problem:
                     r["content"] = {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+            # Bytes that are not valid HTTP (a control character in a header, say) never reach
+            # the app: the HTTP server answers them itself with a plain-text 400.
+            rs.setdefault("400", {"description": "Bad Request"}).setdefault("content", {})[
+                "text/plain"] = {"schema": {"type": "string"}}
+            rs["400"]["description"] = ("Bad Request (problem details; a request that is not valid HTTP "
+                                        "gets the server's plain-text 400)")
     comps = schema.setdefault("components", {}).setdefault("schemas", {})
     comps.pop("HTTPValidationError", None)
     comps.pop("ValidationError", None)

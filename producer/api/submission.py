@@ -121,15 +121,13 @@ def body_lines(stream: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop, li
         if total > limit:
             raise UploadTooLarge(f"upload is over the limit of {limit} bytes")
         buf += decoder.decode(chunk)
-        while True:
-            nl = buf.find("\n")
-            if nl < 0:
-                break
-            line, buf = buf[:nl], buf[nl + 1 :]
-            if skipping:
-                skipping = False
-                continue
-            yield line
+        if "\n" in buf:
+            *lines, buf = buf.split("\n")
+            for line in lines:
+                if skipping:
+                    skipping = False
+                    continue
+                yield line
         if len(buf) > MAX_LINE_BYTES:
             if not skipping:
                 yield "\x00line too long"  # not JSON: becomes a MalformedLine error row
