@@ -31,7 +31,9 @@ def test_s3_restart_mid_batch_every_record_lands_once(fleet: Fleet, s3_server, s
     assert sorted(r["image"] for r in client.results(sub.batch_id)) == sorted(map(str, images))
 
 
-def test_redis_restart_mid_batch_batch_completes(tmp_path, s3_server, s3_bucket):
+def test_redis_restart_mid_batch_batch_completes(tmp_path, s3_server, s3_bucket, webhook_receiver):
+    """Redis restarted with its append-only file mid-batch: every record once, and the batch's
+    event (outbox) delivered once."""
     broker = RedisServer(tmp_path / "redis-data", persistent=True)
     (tmp_path / "redis-data").mkdir()
     broker.start()
@@ -39,8 +41,10 @@ def test_redis_restart_mid_batch_batch_completes(tmp_path, s3_server, s3_bucket)
     try:
         images = make_images(tmp_path / "imgs", ["green"] * 10)
         fleet.scripted(concurrency=2, slow_colour="green", slow_seconds=0.3)
+        fleet.io(SCALECAP_WEBHOOK_SECRET=webhook_receiver.secret)
         client = fleet.client()
-        sub = client.submit([str(p) for p in images], sink=f"s3://{s3_bucket}/q", model="scripted")
+        sub = client.submit([str(p) for p in images], sink=f"s3://{s3_bucket}/q", model="scripted",
+                            webhook=webhook_receiver.url)
         wait_until(lambda: client.status(sub.batch_id)["done"] >= 1, timeout=30, what="a first record")
         broker.restart()
         st = wait_until(lambda: _status_or_none(fleet, sub.batch_id), timeout=20, what="Redis back")
@@ -50,6 +54,10 @@ def test_redis_restart_mid_batch_batch_completes(tmp_path, s3_server, s3_bucket)
         keys = s3_objects(s3_server.client(), s3_bucket, f"q/{sub.batch_id}/")
         assert len(keys) == 10, "every image once in the sink"
         assert all(w.alive for w in fleet.workers), "workers reconnected instead of dying"
+        got = webhook_receiver.wait_for(1, timeout=30)
+        time.sleep(1.5)
+        got = list(webhook_receiver.requests)
+        assert [r.json()["type"] for r in got] == ["batch.completed"] and got[0].verified
     finally:
         fleet.close()
         broker.stop()
