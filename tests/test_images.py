@@ -444,7 +444,7 @@ def test_http_status_errors_are_typed(http_base):
     with pytest.raises(ImageAccessDenied, match="403") as info:
         load_image(f"{http_base}/forbidden.jpg", limits=OPEN)
     assert str(info.value) == f"{http_base}/forbidden.jpg: HTTP 403 Forbidden"
-    with pytest.raises(ImageFetchError, match="HTTP 500.*gave up after 4 attempt"):
+    with pytest.raises(ImageFetchError, match=r"HTTP 500.*gave up after 4 attempt"):
         load_image(f"{http_base}/error.jpg", limits=OPEN)
     with pytest.raises(NotAnImage, match="text/html"):
         load_image(f"{http_base}/page.html", limits=OPEN)
@@ -473,7 +473,7 @@ def test_redirects_are_checked_hop_by_hop(http_base):
 
 
 def test_unreachable_host_is_an_image_error():
-    with pytest.raises(ImageFetchError, match="fetch failed.*gave up after 1 attempt"):
+    with pytest.raises(ImageFetchError, match=r"fetch failed.*gave up after 1 attempt"):
         load_image("http://127.0.0.1:9/a.jpg", limits=ImageLimits(allow_private_urls=True, fetch_retries=0))
 
 
