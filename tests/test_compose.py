@@ -47,10 +47,7 @@ def test_compose_file_is_valid():
 
 
 def test_compose_file_has_the_fleet_shape():
-    default = _compose(COMPOSE_FILE, "config", "--format", "json")
-    assert default.returncode == 0, default.stderr
-    assert "api" not in json.loads(default.stdout)["services"], "the API placeholder is opt-in"
-    result = _compose(COMPOSE_FILE, "--profile", "api", "config", "--format", "json")
+    result = _compose(COMPOSE_FILE, "config", "--format", "json")
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
     assert set(services) >= {"redis", "s3", *FLEET}
@@ -67,6 +64,7 @@ def test_compose_file_has_the_fleet_shape():
     assert services["worker-io"]["command"] == ["scalecap", "worker", "--io"]
     assert "devices" not in json.dumps(services["worker-io"].get("deploy", {}))
     assert services["api"]["command"][:2] == ["scalecap", "api"]
+    assert "profiles" not in services["api"] and services["api"]["healthcheck"]["test"][0] == "CMD"
     for name in FLEET:
         env = services[name]["environment"]
         assert env["SCALECAP_BROKER_URL"] == "redis://redis:6379/0"
