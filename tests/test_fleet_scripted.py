@@ -58,7 +58,9 @@ def test_batch_into_s3_with_bad_image_and_bad_lines(fleet: Fleet, s3_server, s3_
     assert len(body.decode().splitlines()) == 4
 
 
-def test_resubmission_does_no_model_work_and_reused_records_complete_the_batch_prefix(fleet: Fleet, s3_server, s3_bucket):
+def test_resubmission_does_no_model_work_and_reused_records_complete_the_batch_prefix(
+    fleet: Fleet, s3_server, s3_bucket
+):
     fleet.scripted()
     images = make_images(fleet.tmp / "imgs", ["red", "green", "blue"])
     client = fleet.client()
