@@ -29,9 +29,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue", default=None,
                         help="queue(s) to consume, comma separated (default: scalecap.gpu.<model>)")
     parser.add_argument("--concurrency", type=int, default=None,
-                        help="images in flight in this worker (threads; env SCALECAP_CONCURRENCY)")
+                        help="images in flight in this worker (env SCALECAP_CONCURRENCY); each job thread "
+                        "holds one message of SCALECAP_CHUNK_SIZE images")
     parser.add_argument("--io", action="store_true",
-                        help="an I/O worker: consume scalecap.io (webhooks) only; no engine, no GPU")
+                        help="an I/O worker: webhook lanes (scalecap.io, scalecap.io.jobs), outbox drain, "
+                        "reconcile passes; no engine, no GPU")
     parser.add_argument("--broker-url", default=None, help="Redis URL (env SCALECAP_BROKER_URL)")
     parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra backend option (VALUE parsed as JSON when it can be); repeatable")
