@@ -121,7 +121,7 @@ class Fleet:
             "SCALECAP_TEST_VLM_LOG": str(self.vlm_log),
             # Small chunks so a few images still spread over workers; quick repair and retries.
             "SCALECAP_CHUNK_SIZE": "2",
-            "SCALECAP_JOB_TIMEOUT": "60",
+            "SCALECAP_JOB_TIMEOUT": "300",  # vLLM on a loaded CPU is slow; fault tests set 2
             "SCALECAP_RECONCILE_INTERVAL": "1",
             "SCALECAP_WEBHOOK_RETRY_MAX_DELAY": "2",
             **(env or {}),
