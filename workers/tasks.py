@@ -164,7 +164,11 @@ def register_tasks(app: Celery) -> Celery:
             st = outcome.last_status
             retryable = outcome.attempts > 0 and (st is None or st >= 500 or st in _RETRY_STATUSES)
             if retryable and attempt < settings.webhook_max_attempts:
-                due = time.time() + webhook_retry_delay(attempt, settings.webhook_retry_max_delay)
+                delay = webhook_retry_delay(attempt, settings.webhook_retry_max_delay)
+                retry_after = getattr(outcome, "retry_after", None)  # the receiver's Retry-After
+                if retry_after is not None:
+                    delay = min(float(retry_after), settings.webhook_retry_max_delay)
+                due = time.time() + delay
                 ctx.redis.zadd(WEBHOOK_RETRIES_KEY, {json.dumps({**event, "attempt": attempt + 1}): due})
                 status_field = "retrying"
             else:
