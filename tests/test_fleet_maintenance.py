@@ -197,3 +197,15 @@ def test_records_go_to_a_separate_results_redis(redis_server, redis_url):
     rows = list(c.results(sub.batch_id))  # the client reads them back from the results Redis
     assert sorted(r["image"] for r in rows) == ["/x/1.png", "/x/2.png"]
     assert c.status(sub.batch_id)["state"] == "finished"
+
+
+def test_status_reads_a_capped_tail_of_the_webhook_attempts(redis_url):
+    from scalecap.queue_protocol import WEBHOOK_ATTEMPTS_SHOWN, webhook_attempts_key
+
+    c = _client(redis_url)
+    sub = c.submit(["/x/1.png"], sink="redis", model="nobody", queue=Q)
+    key = webhook_attempts_key(sub.batch_id)
+    c.redis.rpush(key, *[json.dumps({"attempt": i}) for i in range(1, 251)])
+    st = c.status(sub.batch_id)
+    assert st["webhook_attempts_total"] == 250
+    assert [a["attempt"] for a in st["webhook_attempts"]] == list(range(251 - WEBHOOK_ATTEMPTS_SHOWN, 251))
