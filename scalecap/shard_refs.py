@@ -37,6 +37,7 @@ __all__ = [
     "Span",
     "attach_source",
     "is_shard_ref",
+    "locations",
     "parse_ref",
     "read_shard_ref",
     "source_meta",
@@ -148,6 +149,16 @@ def parse_ref(ref: str) -> MemberRef | RowRef:
     except ValueError as exc:
         raise ImageError(f"{_short(ref)}: malformed shard reference: {exc}") from exc
     raise ImageError(f"{_short(ref)}: unknown shard reference scheme {scheme!r}")
+
+
+def locations(ref: str) -> list[str]:
+    """What a shard reference makes a worker open: the shard or file (s3:// URL or absolute path)
+    and, for a URL column's row, that URL. A gate that vets references (the HTTP API) checks
+    each of these as it would a plain image reference. ImageError if malformed."""
+    p = parse_ref(ref)
+    if isinstance(p, MemberRef):
+        return [p.shard]
+    return [p.file] + ([p.url] if p.url is not None else [])
 
 
 def _short(ref: str, limit: int = 300) -> str:

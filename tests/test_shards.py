@@ -20,7 +20,7 @@ from PIL import Image
 from producer.sources import SourceRow, expand, expand_braces
 from scalecap.errors import ImageAccessDenied, ImageError, NotAnImage, TruncatedImage
 from scalecap.images import ImageLimits, load_image
-from scalecap.shard_refs import MemberRef, RowRef, Span, attach_source, parse_ref, source_meta
+from scalecap.shard_refs import MemberRef, RowRef, Span, attach_source, locations, parse_ref, source_meta
 from tests.scripted_vlm import COLOURS
 
 # --- builders (also used by the export tests) -----------------------------------------------------
@@ -78,6 +78,8 @@ def test_refs_round_trip_with_awkward_names() -> None:
     assert parse_ref(m.to_ref()) == m
     r = RowRef("/data/t rain.parquet", 3, 17, "image", id="k&1", url="https://x/a.jpg?q=1#f")
     assert parse_ref(r.to_ref()) == r
+    assert locations(m.to_ref()) == ["s3://b/dir with space/s#1.tar"]
+    assert locations(r.to_ref()) == ["/data/t rain.parquet", "https://x/a.jpg?q=1#f"]
     with pytest.raises(ImageError, match="malformed"):
         parse_ref("wds+file:///x.tar#key=a&offset=1")
     with pytest.raises(ImageError, match="malformed"):
