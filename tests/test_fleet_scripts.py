@@ -267,3 +267,18 @@ def test_purge_and_expired_index_entries(redis_url):
     assert store.r.zscore(BATCHES_KEY, b) is None and store.r.zcard(owner_batches_key("k")) == 0
     b2 = _batch(_store(redis_url, retention=3600), "b2", owner="k")
     assert store.purge(b2) and store.batch(b2) is None and store.count_batches("k") == 0
+
+
+def test_a_lost_lone_run_is_charged_whichever_lane_notices(redis_url):
+    """A quarantine run that died is charged even when a normal-lane message (a resubmission,
+    a republished chunk) reaches the job first."""
+    store = _store(redis_url)
+    b = _batch(store)
+    store.register_jobs(b, [("j1", "r1", None)], queue=Q)
+    store.claim(b, ["j1"], token="q1", lease_seconds=-1, max_attempts=2, queue=Q, quarantine=True)
+    c = store.claim(b, ["j1"], token="n1", lease_seconds=60, max_attempts=2, queue=Q)
+    assert c.codes["j1"][0] == "quarantined" and store.job(b, "j1")["attempts"] == "1"
+    store.claim(b, ["j1"], token="q2", lease_seconds=-1, max_attempts=2, queue=Q, quarantine=True)
+    c = store.claim(b, ["j1"], token="n2", lease_seconds=60, max_attempts=2, queue=Q)
+    assert c.codes["j1"][0] == "dead" and store.job(b, "j1")["state"] == "failed"
+    assert counts(store.batch(b))["dead_lettered"] == 1

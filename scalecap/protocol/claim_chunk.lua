@@ -29,7 +29,15 @@ for i = 10, #ARGV do
       save_job(j, job)
       if webhook_jobs then push_event('job.completed', j) end
       code, ended = 'cancelled', true
+    elseif job.s == 'running' and not quarantine and job.q == 1 and job.a + 1 >= max_attempts then
+      job.a = job.a + 1  -- its lone run was lost, and that was its last attempt
+      move('running', 'failed')
+      dead_letter(j, job, {stage = 'queue', type = 'WorkerLost',
+        message = 'the worker was lost ' .. job.a .. ' time(s) while running this job alone'},
+        webhook_jobs)
+      code, ended = 'dead', true
     elseif job.s == 'running' and not quarantine then
+      if job.q == 1 then job.a = job.a + 1 end  -- a lone run was lost: charged
       job.q = 1; job.s = 'queued'; job.t = nil; job.d = nil
       save_job(j, job)
       move('running', 'queued'); move(nil, '_queue')
