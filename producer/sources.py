@@ -188,6 +188,7 @@ def s3_rows(url: str, client: Any, *, image_key: str = "image",
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _MAX_META_HEADER = 1 << 20  # a pax or GNU long-name header larger than this is not a real one
+_SKIP_CHUNK = 256 * 1024  # a streamed (S3) shard's member data is read through and dropped
 
 
 @dataclass
@@ -228,11 +229,12 @@ class _Forward:
             self.pos += n
             return n
         done = 0
-        while done < n:
-            got = len(self.read(min(1 << 20, n - done)))
+        while done < n:  # read and drop: at most one chunk is held
+            got = len(self.fh.read(min(_SKIP_CHUNK, n - done)))
             if not got:
                 break
             done += got
+            self.pos += got
         return done
 
 

@@ -337,3 +337,25 @@ def test_parquet_on_s3_reads_one_row_group_column(s3_server: Any, s3_bucket: str
     one_chunk = pq.ParquetFile(path).metadata.row_group(3).column(0).total_compressed_size
     # pyarrow's speculative 64 KiB footer read, then this row group's image column only
     assert fetched <= 64 * 1024 + one_chunk + 4096 < len(body), (fetched, one_chunk, len(body))
+
+
+@pytest.mark.services
+def test_indexing_a_large_shard_holds_neither_the_shard_nor_a_member(
+        s3_server: Any, s3_bucket: str, tmp_path: Path) -> None:
+    """24 MiB of 1 MiB members: the producer's peak allocation stays far below one member."""
+    import tracemalloc
+
+    blob = random.Random(1).randbytes(1 << 20)
+    shard = write_tar(tmp_path / "big.tar", [(f"{i:06d}.jpg", blob) for i in range(24)])
+    client = s3_server.client()
+    client.upload_file(str(shard), s3_bucket, "big/00000.tar")
+    for source in (str(shard), f"s3://{s3_bucket}/big/00000.tar"):
+        tracemalloc.start()
+        try:
+            n = sum(1 for r in expand(source, s3_client_factory=lambda: client) if r.error is None)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert n == 24
+        # The S3 stream is read through in 256 KiB chunks and dropped; a local file is seeked over.
+        assert peak < 1 << 20, (source, peak)
