@@ -125,7 +125,8 @@ class ApiStack:
     http: httpx.Client = field(repr=False)
 
     def get(self, path: str, key: Key | None = None, **kw: Any) -> httpx.Response:
-        return self.http.get(path, headers=key.headers if key else {}, **kw)
+        headers = {**(key.headers if key else {}), **kw.pop("headers", {})}
+        return self.http.get(path, headers=headers, **kw)
 
     def post(self, path: str, key: Key | None = None, **kw: Any) -> httpx.Response:
         headers = {**(key.headers if key else {}), **kw.pop("headers", {})}

@@ -254,7 +254,37 @@ def test_readyz_healthz_and_metrics(api_stack: ApiStack):
     assert bid not in text
     assert 'scalecap_api_request_duration_seconds_bucket{le="0.005",method="GET",route="/healthz"}' in text
     s.post(f"/v1/batches/{bid}/cancel", s.tenant_b)
+    for page in ("/openapi.json", "/docs"):
+        assert s.get(page).status_code == 200
+    # CORS is off unless configured: no browser origin is allowed.
+    pre = s.http.options("/v1/batches", headers={"Origin": "https://evil.example",
+                                                 "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in pre.headers
+    got = s.get("/v1/batches", s.tenant_b, headers={"Origin": "https://evil.example"})
+    assert got.status_code == 200 and "access-control-allow-origin" not in got.headers
     # Keys never reach the API's log.
     log = s.api.log()
     for k in (s.tenant_a, s.tenant_b, s.admin, s.revoked):
         assert k.raw not in log and k.raw.split("_")[-1] not in log
+
+
+def test_redis_down_is_503_not_a_crash(tmp_path):
+    """An API whose Redis does not answer stays up: health 200, readiness and routes 503."""
+    from tests.api_support import ApiProcess
+    from tests.fixtures_services import free_ports
+    from tests.fleet_support import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SCALECAP_BROKER_URL": f"redis://127.0.0.1:{free_ports(1)[0]}/0"}
+    api = ApiProcess(env, tmp_path / "api.log").start()
+    try:
+        import httpx
+
+        with httpx.Client(base_url=api.url, timeout=30) as http:
+            assert http.get("/healthz").status_code == 200
+            ready = http.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["redis"] is False
+            r = http.get("/v1/batches", headers={"Authorization": "Bearer sk_0123456789abcdef_" + "x" * 40})
+            _problem(r, 503)
+            assert r.headers["retry-after"] == "5"
+    finally:
+        api.stop()

@@ -110,10 +110,38 @@ def install(app: FastAPI) -> None:
     async def _config(request: Request, exc: ConfigError) -> JSONResponse:
         return problem_response(request, 400, "bad-config", str(exc))
 
+    for unavailable in _broker_errors():
+
+        @app.exception_handler(unavailable)
+        async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+            log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path,
+                        type(exc).__name__)
+            return problem_response(request, 503, "unavailable", "the fleet's Redis does not answer; retry",
+                                    headers={"Retry-After": "5"})
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(request, 500, "internal", "internal error; see the API's log")
+
+
+def _broker_errors() -> tuple[type[Exception], ...]:
+    """Redis and kombu connection errors: the fleet is unreachable, not the request wrong."""
+    out: list[type[Exception]] = []
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        out += [RedisConnectionError, RedisTimeoutError]
+    except ImportError:
+        pass
+    try:
+        from kombu.exceptions import OperationalError
+
+        out.append(OperationalError)
+    except ImportError:
+        pass
+    return tuple(out)
 
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
