@@ -242,7 +242,8 @@ class TransformersBackend:
             tokens = ids_out = None
             if first.token_scores and steps is not None:
                 ids_out = text_ids[: self.renderer.strip_special_tail(text_ids)]
-                values = steps[row, : len(ids_out)].gather(1, torch.tensor(ids_out).view(-1, 1)).view(-1)
+                index = torch.tensor(ids_out, dtype=torch.long, device=steps.device).view(-1, 1)
+                values = steps[row, : len(ids_out)].gather(1, index).view(-1)
                 spans = self.renderer.spans_of_ids(ids_out, text)
                 tokens = [
                     TokenScore(text[s:e], s, e, float(v))
