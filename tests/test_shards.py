@@ -125,10 +125,43 @@ def test_wds_local_every_image_member_is_a_job_with_its_sidecars(tmp_path: Path)
     assert attach_source({"meta": {}}, "/some/image.png", lim) == {"meta": {}}
 
 
-def test_wds_truncated_and_corrupt_shards_lose_only_the_damaged_part(tmp_path: Path) -> None:
-    shard = write_tar(tmp_path / "full.tar", wds_samples(["red", "blue", "green"]))
-    raw = shard.read_bytes()
-    refs = good(list(expand(str(shard))))
+class Store:
+    """Where a damage test puts its shards: local files, or objects in the real SeaweedFS."""
+
+    def __init__(self, tmp: Path, client: Any = None, bucket: str | None = None) -> None:
+        self.tmp, self.client, self.bucket = tmp, client, bucket
+
+    def put(self, name: str, data: bytes) -> str:
+        path = self.tmp / name
+        path.write_bytes(data)
+        if self.client is None:
+            return str(path)
+        self.client.put_object(Bucket=self.bucket, Key=f"d/{name}", Body=data)
+        return f"s3://{self.bucket}/d/{name}"
+
+    def expand(self, source: str, **kw: Any) -> list[SourceRow]:
+        return list(expand(source, s3_client_factory=lambda: self.client, **kw))
+
+    def limits(self) -> ImageLimits:
+        return ImageLimits(allowed_roots=[str(self.tmp)], s3_client_factory=lambda: self.client)
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.services)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "local":
+        return Store(tmp_path)
+    return Store(tmp_path, request.getfixturevalue("s3_server").client(),
+                 request.getfixturevalue("s3_bucket"))
+
+
+def test_wds_truncated_and_corrupt_shards_lose_only_the_damaged_part(store: Store) -> None:
+    raw = write_tar(store.tmp / "src.tar", [*wds_samples(["red", "blue", "green"]),
+                                            ("000003.jpg", b"not an image")]).read_bytes()
+    full = store.put("full.tar", raw)
+    refs = good(store.expand(full))
+    assert len(refs) == 4
+    with pytest.raises(NotAnImage, match=r"000003\.jpg"):  # a member that is not an image
+        load_image(refs[3], limits=store.limits())
     second = parse_ref(refs[1])
     cuts = {
         "in-data": second.span.offset + 40,  # inside the second image
@@ -136,9 +169,7 @@ def test_wds_truncated_and_corrupt_shards_lose_only_the_damaged_part(tmp_path: P
         "after-member": second.span.offset + 512,  # whole image, no end-of-archive marker
     }
     for name, cut in cuts.items():
-        p = tmp_path / f"{name}.tar"
-        p.write_bytes(raw[:cut])
-        rows = list(expand(str(p)))
+        rows = store.expand(store.put(f"{name}.tar", raw[:cut]))
         assert parse_ref(good(rows)[0]).key == "000000", name
         errors = bad(rows)
         assert errors and errors[-1]["type"] == "TruncatedShard", (name, errors)
@@ -146,14 +177,14 @@ def test_wds_truncated_and_corrupt_shards_lose_only_the_damaged_part(tmp_path: P
     # Garbage in the third sample's header: the first two samples survive.
     third = parse_ref(refs[2])
     hdr = third.span.offset - 512
-    garbled = raw[:hdr] + b"\xff" * 512 + raw[hdr + 512 :]
-    (tmp_path / "garbled.tar").write_bytes(garbled)
-    rows = list(expand(str(tmp_path / "garbled.tar")))
+    rows = store.expand(store.put("garbled.tar", raw[:hdr] + b"\xff" * 512 + raw[hdr + 512 :]))
     assert len(good(rows)) == 2 and [e["type"] for e in bad(rows)] == ["CorruptShard"]
     # A shard rewritten shorter after indexing: the worker says so instead of decoding a stub.
-    (tmp_path / "full.tar").write_bytes(raw[: third.span.offset + 10])
+    store.put("full.tar", raw[: third.span.offset + 10])
     with pytest.raises(TruncatedImage, match="truncated or rewritten"):
-        load_image(refs[2], limits=limits(tmp_path))
+        load_image(refs[2], limits=store.limits())
+    with pytest.raises(TruncatedImage, match="truncated or rewritten"):  # past the new end
+        load_image(refs[3], limits=store.limits())
 
 
 def test_wds_reads_stay_inside_allowed_roots(tmp_path: Path) -> None:
@@ -225,17 +256,20 @@ def test_parquet_url_column_relative_paths_and_ids(tmp_path: Path) -> None:
         load_image(refs[1], limits=limits(tmp_path / "img" / "none"))
 
 
-def test_parquet_wrong_columns_are_one_error_each(tmp_path: Path) -> None:
-    path = _hf_parquet(tmp_path / "t.parquet", ["red"])
-    assert [e["type"] for e in bad(list(expand(str(path), image_column="picture")))] == ["MissingColumn"]
-    assert [e["type"] for e in bad(list(expand(str(path), id_column="nope")))] == ["MissingColumn"]
+def test_parquet_wrong_columns_are_one_error_each(store: Store) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"image": [1, 2]}), tmp_path / "ints.parquet")
-    assert [e["type"] for e in bad(list(expand(str(tmp_path / "ints.parquet"))))] == ["WrongColumnType"]
-    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
-    assert [e["type"] for e in bad(list(expand(str(tmp_path / "junk.parquet"))))] == ["UnreadableShard"]
+    hf = store.put("t.parquet", _hf_parquet(store.tmp / "src.parquet", ["red"]).read_bytes())
+    assert [e["type"] for e in bad(store.expand(hf, image_column="picture"))] == ["MissingColumn"]
+    assert [e["type"] for e in bad(store.expand(hf, id_column="nope"))] == ["MissingColumn"]
+    assert len(good(store.expand(hf, id_column="uid"))) == 1
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": [1, 2]}), buf)
+    ints = store.put("ints.parquet", buf.getvalue())
+    assert [e["type"] for e in bad(store.expand(ints))] == ["WrongColumnType"]
+    junk = store.put("junk.parquet", b"PAR1 not really")
+    assert [e["type"] for e in bad(store.expand(junk))] == ["UnreadableShard"]
 
 
 def _corrupt_column_chunk(path: Path, row_group: int, column: str) -> None:
@@ -251,25 +285,26 @@ def _corrupt_column_chunk(path: Path, row_group: int, column: str) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_parquet_corrupt_row_group_fails_its_rows_only(tmp_path: Path) -> None:
+def test_parquet_corrupt_row_group_fails_its_rows_only(store: Store) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     colours = ["red", "blue", "green", "yellow"]
     table = pa.table({"img": [png(c, i) for i, c in enumerate(colours)], "uid": ["a", "b", "c", "d"]})
-    path = tmp_path / "rg.parquet"
-    pq.write_table(table, path, row_group_size=2)
-    _corrupt_column_chunk(path, 1, "img")  # worker side: rows 2 and 3 fail, 0 and 1 load
-    refs = good(list(expand(str(path), image_column="img", id_column="uid")))
+    src = store.tmp / "src.parquet"
+    pq.write_table(table, src, row_group_size=2)
+    _corrupt_column_chunk(src, 1, "img")  # worker side: rows 2 and 3 fail, 0 and 1 load
+    where = store.put("rg.parquet", src.read_bytes())
+    refs = good(store.expand(where, image_column="img", id_column="uid"))
     assert len(refs) == 4
-    lim = limits(tmp_path)
+    lim = store.limits()
     assert load_image(refs[0], limits=lim).size[0] > 0 and load_image(refs[1], limits=lim).size[0] > 0
     for ref in refs[2:]:
         with pytest.raises(ImageError):
             load_image(ref, limits=lim)
-    pq.write_table(table, path, row_group_size=2)
-    _corrupt_column_chunk(path, 0, "uid")  # producer side: the id column of row group 0 is damaged
-    rows = list(expand(str(path), image_column="img", id_column="uid"))
+    pq.write_table(table, src, row_group_size=2)
+    _corrupt_column_chunk(src, 0, "uid")  # producer side: the id column of row group 0 is damaged
+    rows = store.expand(store.put("rg-id.parquet", src.read_bytes()), image_column="img", id_column="uid")
     assert [e["type"] for e in bad(rows)] == ["CorruptRowGroup", "CorruptRowGroup"]
     assert [parse_ref(r).row_group for r in good(rows)] == [1, 1]
 
