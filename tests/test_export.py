@@ -171,3 +171,17 @@ def test_export_refuses_bad_combinations_before_reading(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=why):
             export(object(), "b", fmt, out, with_images=images)
     assert os.listdir(tmp_path) == []
+
+
+def test_without_pyarrow_parquet_in_and_out_name_the_data_extra(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    from producer.sources import expand
+    from scalecap.errors import ScaleCapError
+
+    (tmp_path / "t.parquet").write_bytes(b"PAR1")
+    for name in ("pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # import pyarrow raises ImportError
+    with pytest.raises(ScaleCapError, match=r"scalecap-fleet\[data\]"):
+        export(object(), "b", "parquet", str(tmp_path / "o.parquet"))
+    with pytest.raises(ScaleCapError, match=r"scalecap-fleet\[data\]"):
+        list(expand(str(tmp_path / "t.parquet")))
