@@ -98,31 +98,34 @@ def test_producer_killed_mid_submit_then_resubmitted(redis_server, tmp_path, s3_
 # --------------------------------------------------------------------------- workers
 
 
-def _killed_worker_case(fleet: Fleet, s3_server, bucket: str, point: str, out: dict) -> None:
+def _killed_worker_case(fleet: Fleet, s3_server, bucket: str, point: str, receiver, out: dict) -> None:
     """Worker A dies at `point` on its first chunk; B (started after) and an I/O worker finish."""
     try:
         colours = ["red", "green", "blue", "white"]
         images = make_images(fleet.tmp / "imgs", colours)
         a = fleet.scripted(concurrency=2, env={"SCALECAP_FAILPOINT": f"{point}:exit"})
         client = fleet.client()
-        sub = client.submit([str(p) for p in images], sink=f"s3://{bucket}/{point}", model="scripted")
+        sub = client.submit([str(p) for p in images], sink=f"s3://{bucket}/{point}", model="scripted",
+                            webhook=receiver.url)
         fleet.wait_dead(a)
         fleet.scripted(concurrency=2)
-        fleet.io()
+        fleet.io(SCALECAP_WEBHOOK_SECRET=receiver.secret)
         client.wait(sub.batch_id, timeout=120)
         _exactly_once(fleet, client, sub.batch_id, images, s3_server.client(), bucket, point)
-        out[point] = {"calls": len(fleet.vlm_calls()), "status": client.status(sub.batch_id)}
+        out[point] = {"calls": len(fleet.vlm_calls()), "batch_id": sub.batch_id}
     except BaseException as exc:  # reported by the test thread
         out[point] = exc
 
 
-def test_workers_killed_after_claim_and_after_the_sink_write(redis_server, tmp_path, s3_server, s3_bucket):
+def test_workers_killed_after_claim_and_after_the_sink_write(redis_server, tmp_path, s3_server, s3_bucket,
+                                                            webhook_receiver):
     """kill at `after_claim` (nothing run) and at `after_sink_write` (records written, finish not
     run), both at once: the dead run's jobs come back (visibility timeout, expired lease), run
     alone in the quarantine lane uncharged, and each record is written once per key."""
     fleets = {p: _fleet(redis_server, tmp_path, s3_server, p) for p in ("after_claim", "after_sink_write")}
     out: dict = {}
-    threads = [threading.Thread(target=_killed_worker_case, args=(f, s3_server, s3_bucket, p, out))
+    threads = [threading.Thread(target=_killed_worker_case,
+                                args=(f, s3_server, s3_bucket, p, webhook_receiver, out))
                for p, f in fleets.items()]
     try:
         for t in threads:
@@ -138,6 +141,12 @@ def test_workers_killed_after_claim_and_after_the_sink_write(redis_server, tmp_p
     assert set(out) == set(fleets)
     assert out["after_claim"]["calls"] == 4  # A died before any model work
     assert out["after_sink_write"]["calls"] == 6  # A's chunk of 2 ran, then ran again
+    webhook_receiver.wait_for(2, timeout=30)
+    time.sleep(1.5)
+    got = list(webhook_receiver.requests)
+    assert sorted(r.json()["data"]["batch_id"] for r in got) == sorted(o["batch_id"] for o in out.values())
+    assert all(r.verified and r.json()["type"] == "batch.completed" for r in got)
+    assert len({r.headers["webhook-id"] for r in got}) == 2
 
 
 def test_worker_killed_after_finish_before_the_outbox_drains(redis_server, tmp_path, s3_server, s3_bucket,
