@@ -209,3 +209,14 @@ def test_status_reads_a_capped_tail_of_the_webhook_attempts(redis_url):
     st = c.status(sub.batch_id)
     assert st["webhook_attempts_total"] == 250
     assert [a["attempt"] for a in st["webhook_attempts"]] == list(range(251 - WEBHOOK_ATTEMPTS_SHOWN, 251))
+
+
+def test_submit_chunk_size_sets_images_per_message(redis_url, capsys):
+    from producer.cli import main
+
+    refs = [f"/x/{i}.png" for i in range(7)]
+    assert main(["submit", *refs, "--model", "nobody", "--chunk-size", "3", "--broker-url", redis_url]) == 0
+    out = json.loads(capsys.readouterr().out)
+    r = _client(redis_url).redis
+    assert [len(m["jobs"]) for m in _bodies(r, Q)] == [3, 3, 1]
+    assert out["submitted"] == 7 and r.zcard(UNPUBLISHED_KEY) == 0  # published: no repair note left
