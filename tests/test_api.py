@@ -288,3 +288,25 @@ def test_redis_down_is_503_not_a_crash(tmp_path):
             assert r.headers["retry-after"] == "5"
     finally:
         api.stop()
+
+
+def test_readyz_reads_worker_heartbeats_when_remote_control_is_off(api_stack: ApiStack, tmp_path):
+    """With Celery remote control off, readiness comes from heartbeats in Redis (written here as a
+    worker would write them with scalecap.worker_presence.beat)."""
+    import httpx
+
+    from scalecap import worker_presence
+    from tests.api_support import ApiProcess
+
+    api = ApiProcess({**api_stack.env, "SCALECAP_REMOTE_CONTROL": "0"}, tmp_path / "api.log").start()
+    try:
+        with httpx.Client(base_url=api.url, timeout=30) as http:
+            worker_presence.beat(api_stack.redis(), "w-test@host", ["scalecap.gpu.heartbeat-model"])
+            beating = http.get("/readyz", params={"model": "heartbeat-model"})
+            assert beating.status_code == 200 and beating.json()["workers"] == ["w-test@host"]
+            assert beating.json()["signal"] == "heartbeat"
+            # The stack's real worker holds "scripted" but beats nowhere: not seen this way.
+            silent = http.get("/readyz", params={"model": MODEL})
+            assert silent.status_code == 503 and silent.json()["workers"] == []
+    finally:
+        api.stop()
