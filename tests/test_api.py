@@ -305,8 +305,7 @@ def test_readyz_reads_worker_heartbeats_when_remote_control_is_off(api_stack: Ap
             beating = http.get("/readyz", params={"model": "heartbeat-model"})
             assert beating.status_code == 200 and beating.json()["workers"] == ["w-test@host"]
             assert beating.json()["signal"] == "heartbeat"
-            # The stack's real worker holds "scripted" but beats nowhere: not seen this way.
-            silent = http.get("/readyz", params={"model": MODEL})
+            silent = http.get("/readyz", params={"model": IDLE_MODEL})
             assert silent.status_code == 503 and silent.json()["workers"] == []
     finally:
         api.stop()
