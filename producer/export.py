@@ -154,7 +154,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     """One record as the flat columns of docs/data.md (Parquet columns, WebDataset JSON fields)."""
     rec = row.get("scalecap_record") or {}
     meta = rec.get("meta") or {}
-    src = meta.get("source") or {}
+    src = meta.get("source") or _source_of(row.get("image"))
     err = rec.get("error") or {}
     qa = rec.get("qa_pairs") or []
     questions = [p.get("question") for p in qa] or [
@@ -182,6 +182,23 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
         "model": meta.get("model"),
         "config_hash": meta.get("config_hash"),
     }
+
+
+def _source_of(ref: Any) -> dict[str, Any]:
+    """Where a shard job came from, from its reference alone: for rows no worker made (a member
+    cut short at submission, a lost job), which have no meta.source."""
+    from scalecap.errors import ImageError
+    from scalecap.shard_refs import is_shard_ref, parse_ref
+
+    if not is_shard_ref(ref):
+        return {}
+    try:
+        p = parse_ref(ref)
+    except ImageError:
+        return {}
+    if hasattr(p, "key"):
+        return {"format": "webdataset", "shard": p.shard, "key": p.key}
+    return {"format": "parquet", "file": p.file, "id": p.id}
 
 
 def parquet_schema() -> Any:

@@ -159,6 +159,9 @@ def test_flat_row_columns_and_docs_agree() -> None:
     assert (err["error_type"], err["error_stage"], err["final_caption"], err["questions"]) == (
         "NotAnImage", "load", None, [])
     assert list(flat) == parquet_schema().names
+    cut = flat_row({"image": "wds+file:///s/a.tar#key=k7&ext=jpg&offset=512&size=9",
+                    "scalecap_record": {"error": {"stage": "submit", "type": "TruncatedShard"}, "meta": {}}})
+    assert (cut["source_key"], cut["source_file"], cut["error_type"]) == ("k7", "/s/a.tar", "TruncatedShard")
     doc = (REPO / "docs" / "data.md").read_text()
     missing = [c for c in parquet_schema().names if f"`{c}`" not in doc]
     assert not missing, f"docs/data.md does not describe {missing}"
