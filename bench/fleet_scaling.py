@@ -27,10 +27,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.queue_overhead import REPO, commandstats, start_redis, start_worker, stop
+from bench.queue_overhead import REPO, start_redis, start_worker, stop
 from bench.report import print_table, write_json
 
 STANDIN = "bench.standin_engine:FixedCapacityVLM"
+
+
+def commandstats(r: Any) -> dict[str, int]:
+    """Calls per command so far (INFO commandstats)."""
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in r.info("commandstats").items()}
 
 
 def redis_cpu_seconds(r: Any) -> float:
