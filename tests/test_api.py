@@ -309,3 +309,24 @@ def test_readyz_reads_worker_heartbeats_when_remote_control_is_off(api_stack: Ap
             assert silent.status_code == 503 and silent.json()["workers"] == []
     finally:
         api.stop()
+
+
+def test_cors_only_for_configured_origins(api_stack: ApiStack, tmp_path):
+    import httpx
+
+    from tests.api_support import ApiProcess
+
+    env = {**api_stack.env, "SCALECAP_API_CORS_ORIGINS": "https://app.example"}
+    api = ApiProcess(env, tmp_path / "api.log").start()
+    try:
+        with httpx.Client(base_url=api.url, timeout=30) as http:
+            for origin, allowed in (("https://app.example", True), ("https://evil.example", False)):
+                pre = http.options("/v1/batches", headers={"Origin": origin,
+                                                           "Access-Control-Request-Method": "POST",
+                                                           "Access-Control-Request-Headers": "authorization"})
+                assert (pre.headers.get("access-control-allow-origin") == origin) is allowed
+                got = http.get("/v1/batches", headers={"Origin": origin, **api_stack.tenant_a.headers})
+                assert got.status_code == 200
+                assert (got.headers.get("access-control-allow-origin") == origin) is allowed
+    finally:
+        api.stop()
