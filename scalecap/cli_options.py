@@ -66,6 +66,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None)
     g.add_argument("--enforce-eager", action="store_true", default=None,
                    help="vLLM: no CUDA graphs / compilation (faster start)")
+    g.add_argument("--raw-logits", action="store_true", default=None,
+                   help="token scores are raw logits (vLLM logprobs_mode=raw_logits; transformers "
+                   "raw_logits): needed by --score-mode logit_diff, refused by the other modes")
 
 
 def engine_options(args: argparse.Namespace, settings: Any) -> tuple[str, str, dict[str, Any]]:
@@ -84,6 +87,8 @@ def engine_options(args: argparse.Namespace, settings: Any) -> tuple[str, str, d
         if args.enforce_eager:
             opts["enforce_eager"] = True
         opts["limit_mm_per_prompt"] = {"image": 1, "video": 0}
+        if getattr(args, "raw_logits", None):
+            opts["logprobs_mode"] = "raw_logits"
     elif backend == "openai":
         base = args.openai_base_url or settings.openai_base_url
         if base:
@@ -91,6 +96,11 @@ def engine_options(args: argparse.Namespace, settings: Any) -> tuple[str, str, d
         if settings.openai_api_key:
             opts["api_key"] = settings.openai_api_key
         opts["probe_scoring"] = True  # a non-vLLM server in contrastive mode fails at start
-    elif backend == "transformers" and args.dtype:
-        opts["dtype"] = args.dtype
+    elif backend == "transformers":
+        if args.dtype:
+            opts["dtype"] = args.dtype
+        if getattr(args, "raw_logits", None):
+            opts["raw_logits"] = True
+    if getattr(args, "raw_logits", None) and backend not in ("vllm", "transformers"):
+        raise SystemExit(f"--raw-logits needs the vllm or transformers backend, not {backend!r}")
     return backend, model, opts

@@ -33,7 +33,7 @@ RecordFormat = Literal["dict", "json"]
 
 _DESC = {
     "zh": (
-        "ScaleCap 图像描述生成算子：先由视觉语言模型生成初始描述，再以有图/无图的 token 概率对比"
+        "ScaleCap 图像描述生成算子：先由视觉语言模型生成初始描述，再以有图/无图的 token 对数概率逐子句对比"
         "筛选出图像真正支持的“黄金句子”，据此生成物体与位置问题并由模型作答（可选二次过滤），"
         "最后由语言模型融合成信息密集、抑制幻觉的最终描述。\n"
         "输入参数：vlm_serving（模型后端）、config（ImageScaleCaptionGenerateConfig）\n"
@@ -44,8 +44,8 @@ _DESC = {
     ),
     "en": (
         "ScaleCap image captioning operator: a VLM writes an initial caption; sentences are kept as "
-        "'golden' only when the image itself supports them (token probabilities with the image "
-        "against without it); object and position questions are asked about them and answered by "
+        "'golden' only when the image itself supports them (each token's log-probability with the image "
+        "against without it, clause by clause); object and position questions are asked about them and answered by "
         "the VLM (with an optional second filter); a language model fuses everything into one "
         "dense, hallucination-filtered caption.\n"
         "Init: vlm_serving (a model backend), config (ImageScaleCaptionGenerateConfig).\n"
