@@ -44,10 +44,10 @@ _DESC = {
     ),
     "en": (
         "ScaleCap image captioning operator: a VLM writes an initial caption; sentences are kept as "
-        "'golden' only when the image itself supports them (each token's log-probability with the image "
-        "against without it, clause by clause); object and position questions are asked about them and answered by "
-        "the VLM (with an optional second filter); a language model fuses everything into one "
-        "dense, hallucination-filtered caption.\n"
+        "'golden' only when the image itself supports them (each token's log-probability with "
+        "the image against without it, clause by clause); object and position questions are "
+        "asked about them and answered by the VLM (with an optional second filter); a language "
+        "model fuses everything into one dense, hallucination-filtered caption.\n"
         "Init: vlm_serving (a model backend), config (ImageScaleCaptionGenerateConfig).\n"
         "run: storage, input_image_key (default 'image'), output_key (default 'scalecap_record').\n"
         "Output: each row gets a record under output_key with init_caption, golden_sentences, "
