@@ -3,10 +3,11 @@
 Shared by producers (which only send tasks by name) and workers (which register them in
 workers.tasks), so it lives beside the queue protocol; Celery is imported only when an app is made.
 
-Delivery is at-least-once: acks happen after the task returns (`task_acks_late`), a task whose
-worker died is requeued (`task_reject_on_worker_lost`), each worker thread reserves one message at
-a time (`worker_prefetch_multiplier=1`), and Redis hands an unacknowledged message to another
-worker after `visibility_timeout`. Exactly-once *effects* come from the queue protocol (atomic
+Delivery is at-least-once: acks happen after the task returns (`task_acks_late`), each worker
+thread reserves one message at a time (`worker_prefetch_multiplier=1`), and Redis hands an
+unacknowledged message to another worker after `visibility_timeout`. `task_reject_on_worker_lost`
+stays on but does nothing with the thread pool the workers use: leases, the reconciler and the
+quarantine lane take its place (docs/protocol.md). Exactly-once *effects* come from the queue protocol (atomic
 state transitions and idempotent sink keys), not from the broker.
 """
 
@@ -15,11 +16,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from scalecap.queue_protocol import (
-    EVENT_BATCH_COMPLETED,
     IO_QUEUE,
     TASK_CAPTION,
     TASK_WEBHOOK,
-    BatchStore,
     gpu_queue,
 )
 from scalecap.settings import Settings
@@ -86,9 +85,3 @@ def create_app(settings: Settings | None = None, *, name: str = "scalecap") -> C
     app.conf.scalecap_settings = settings
     return app
 
-
-def enqueue_completion(app: Celery, store: BatchStore, batch_id: str) -> None:
-    """Called by whoever finished the batch (exactly one caller): queue its webhook, if any."""
-    batch = store.batch(batch_id) or {}
-    if batch.get("webhook"):
-        app.send_task(TASK_WEBHOOK, args=[batch_id, EVENT_BATCH_COMPLETED], queue=IO_QUEUE)

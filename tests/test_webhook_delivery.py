@@ -127,6 +127,20 @@ def test_retry_after_is_honoured_and_capped(webhook_receiver, redis_client):
 
 
 @pytest.mark.services
+def test_one_attempt_reports_the_receivers_retry_after(webhook_receiver, redis_client):
+    # The webhook task makes one attempt per run and schedules the next itself: it needs the
+    # receiver's Retry-After from the outcome.
+    webhook_receiver.fail_next(1, status=429, retry_after=42)
+    outcome = deliver_event(webhook_receiver.url, _event(), secret=webhook_receiver.secret,
+                            redis_client=redis_client, attempts_key="k1", max_attempts=1,
+                            allow_private=True)
+    assert not outcome.delivered and outcome.last_status == 429 and outcome.retry_after == 42.0
+    ok = deliver_event(webhook_receiver.url, _event(), secret=webhook_receiver.secret,
+                       redis_client=redis_client, attempts_key="k1", max_attempts=1, allow_private=True)
+    assert ok.delivered and ok.retry_after is None
+
+
+@pytest.mark.services
 def test_client_error_is_final(webhook_receiver, redis_client):
     webhook_receiver.fail_next(1, status=410)
     delays: list[float] = []

@@ -165,9 +165,8 @@ def register_tasks(app: Celery) -> Celery:
             retryable = outcome.attempts > 0 and (st is None or st >= 500 or st in _RETRY_STATUSES)
             if retryable and attempt < settings.webhook_max_attempts:
                 delay = webhook_retry_delay(attempt, settings.webhook_retry_max_delay)
-                retry_after = getattr(outcome, "retry_after", None)  # the receiver's Retry-After
-                if retry_after is not None:
-                    delay = min(float(retry_after), settings.webhook_retry_max_delay)
+                if outcome.retry_after is not None:  # the receiver said when to come back
+                    delay = min(float(outcome.retry_after), settings.webhook_retry_max_delay)
                 due = time.time() + delay
                 ctx.redis.zadd(WEBHOOK_RETRIES_KEY, {json.dumps({**event, "attempt": attempt + 1}): due})
                 status_field = "retrying"

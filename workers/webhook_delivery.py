@@ -44,6 +44,8 @@ class DeliveryOutcome:
     last_status: int | None
     last_error: str | None
     webhook_id: str | None = None
+    retry_after: float | None = None
+    """Seconds the receiver asked us to wait (its Retry-After), when it said so."""
 
 
 class WebhookRefused(Exception):
@@ -238,7 +240,7 @@ def deliver_event(
                 delay = backoff_delay(attempt, base_delay, max_delay, rng)
             sleep(delay)
     log.warning("webhook %s to %s failed after %d attempt(s): %s", wid, redact_url(url), attempt, error)
-    return DeliveryOutcome(False, attempt, status, error, wid)
+    return DeliveryOutcome(False, attempt, status, error, wid, retry_after)
 
 
 def _entry(
