@@ -307,6 +307,10 @@ def test_readyz_reads_worker_heartbeats_when_remote_control_is_off(api_stack: Ap
             assert beating.json()["signal"] == "heartbeat"
             silent = http.get("/readyz", params={"model": IDLE_MODEL})
             assert silent.status_code == 503 and silent.json()["workers"] == []
+            # The stack's real scripted worker beats by itself (workers/cli.py start_presence).
+            real = http.get("/readyz", params={"model": MODEL})
+            assert real.status_code == 200 and real.json()["signal"] == "heartbeat", real.text
+            assert len(real.json()["workers"]) == 1
     finally:
         api.stop()
 

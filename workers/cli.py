@@ -89,6 +89,32 @@ def start_maintenance(app: Any, settings: Any, stop: threading.Event) -> threadi
     return t
 
 
+def start_presence(settings: Any, hostname: str, queues: list[str], stop: threading.Event,
+                   interval: float = 10.0) -> threading.Thread:
+    """Beat `scalecap:workers:{queue}` (scalecap/worker_presence.py) while this worker is healthy.
+
+    The API's /readyz reads it when Celery's remote control is off (the default). A worker whose
+    engine loop is stuck or whose images stall stops beating, so it drops out of readiness."""
+    from scalecap.redis_conn import redis_client
+    from scalecap.worker_presence import beat
+    from workers import metrics
+
+    client = redis_client(settings.broker_url, settings)
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                if not metrics.health().problems():
+                    beat(client, hostname, queues)
+            except Exception as exc:  # Redis away for a moment: try again next round
+                log.debug("presence beat failed: %s", exc)
+            stop.wait(interval)
+
+    t = threading.Thread(target=loop, name="scalecap-presence", daemon=True)
+    t.start()
+    return t
+
+
 def main(args: argparse.Namespace) -> int:
     from scalecap.settings import Settings
 
@@ -170,6 +196,7 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     if args.io:  # outbox drain, webhook retries, reconcile: one daemon thread beside the pool
         start_maintenance(app, settings, stop)
+    start_presence(settings, hostname, queues, stop)
     try:
         worker.start()
     finally:
