@@ -454,7 +454,8 @@ def _parquet_rows(where: str, client: Any, image_column: str, id_column: str | N
         yield _bad(where, "UnreadableShard",
                    f"{where}: not a readable Parquet file: {type(exc).__name__}: {exc}")
         return
-    yield from parquet_rows(where, pf, image_column=image_column, id_column=id_column)
+    with pf:
+        yield from parquet_rows(where, pf, image_column=image_column, id_column=id_column)
 
 
 # -- entry point -----------------------------------------------------------------------------------

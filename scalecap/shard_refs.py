@@ -338,19 +338,19 @@ def _read_cell(p: RowRef, limits: Any, desc: str) -> bytes:
     else:
         where, client = _local_path(p.file, limits, desc), None
     try:
-        pf = open_parquet(where, s3_client=client)
-        if p.row_group >= pf.num_row_groups:
-            raise ImageNotFound(f"{desc}: the file has {pf.num_row_groups} row groups")
-        if p.row >= pf.metadata.row_group(p.row_group).num_rows:
-            raise ImageNotFound(f"{desc}: row group {p.row_group} has fewer rows")
-        seen = 0
-        for batch in pf.iter_batches(batch_size=64, row_groups=[p.row_group], columns=[p.column]):
-            if p.row < seen + batch.num_rows:
-                cell = batch.column(0)[p.row - seen].as_py()
-                break
-            seen += batch.num_rows
-        else:  # pragma: no cover - metadata said the row exists
-            raise ImageNotFound(f"{desc}: row not found")
+        with open_parquet(where, s3_client=client) as pf:
+            if p.row_group >= pf.num_row_groups:
+                raise ImageNotFound(f"{desc}: the file has {pf.num_row_groups} row groups")
+            if p.row >= pf.metadata.row_group(p.row_group).num_rows:
+                raise ImageNotFound(f"{desc}: row group {p.row_group} has fewer rows")
+            seen = 0
+            for batch in pf.iter_batches(batch_size=64, row_groups=[p.row_group], columns=[p.column]):
+                if p.row < seen + batch.num_rows:
+                    cell = batch.column(0)[p.row - seen].as_py()
+                    break
+                seen += batch.num_rows
+            else:  # pragma: no cover - metadata said the row exists
+                raise ImageNotFound(f"{desc}: row not found")
     except ImageError:
         raise
     except FileNotFoundError as exc:
