@@ -248,6 +248,9 @@ def test_readyz_healthz_and_metrics(api_stack: ApiStack):
     prefix = f'scalecap_api_queue_depth{{model="{IDLE_MODEL}"'
     depth = [ln for ln in text.splitlines() if ln.startswith(prefix)]
     assert float(depth[0].split()[-1]) >= 1
+    images_prefix = f'scalecap_api_queued_images{{model="{IDLE_MODEL}"'
+    queued = [ln for ln in text.splitlines() if ln.startswith(images_prefix)]
+    assert float(queued[0].split()[-1]) >= 1
     assert 'scalecap_api_batches{state="queued"}' in text and 'scalecap_api_batches{state="finished"}' in text
     assert 'scalecap_api_requests_total{code="202",method="POST",route="/v1/batches"}' in text
     assert 'route="/v1/batches/{batch_id}"' in text  # templates, never raw ids

@@ -4,8 +4,10 @@
   `scalecap_api_request_duration_seconds{method,route}`: every request, labelled by the route's
   template (`/v1/batches/{batch_id}`), never by raw paths, so ids cannot blow up the series;
 - `scalecap_api_queue_depth{model,queue}`: messages waiting in each model's Celery queue (LLEN of
-  the queue's Redis lists, as Celery's docs measure it), for the server's model and every model
-  of the recent batches;
+  the queue's Redis lists, as Celery's docs measure it, and what KEDA scales on), for the server's
+  model and every model of the recent batches; a message is a chunk of up to SCALECAP_CHUNK_SIZE
+  images, so `scalecap_api_queued_images{model,queue}` gives the images queued for that queue
+  (the protocol's own counter, the one submit backpressure reads);
 - `scalecap_api_batches{state}` and `scalecap_api_images{state}`: the most recent
   `RECENT_BATCHES` batches by state, and their images by state;
 - `scalecap_api_submissions_in_flight`: submissions still publishing in the background.
@@ -23,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from scalecap.queue_protocol import gpu_queue
+from scalecap.queue_protocol import gpu_queue, queue_queued_key
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ class FleetCollector(Collector):
     def collect(self) -> Any:
         depth = GaugeMetricFamily("scalecap_api_queue_depth",
                                   "Caption jobs waiting in each model's queue", labels=["model", "queue"])
+        queued = GaugeMetricFamily("scalecap_api_queued_images",
+                                   "Images queued for each model's queue (all chunks, both lanes)",
+                                   labels=["model", "queue"])
         batches = GaugeMetricFamily("scalecap_api_batches",
                                     f"The {RECENT_BATCHES} most recent batches by state", labels=["state"])
         images = GaugeMetricFamily("scalecap_api_images",
@@ -72,13 +77,16 @@ class FleetCollector(Collector):
             for q in models.values():
                 for suffix in PRIORITY_SUFFIXES:
                     pipe.llen(q + suffix)
-            lengths = pipe.execute()
+                pipe.get(queue_queued_key(q))
+            values = pipe.execute()
+            per = len(PRIORITY_SUFFIXES) + 1
             for i, (model, q) in enumerate(models.items()):
-                n = sum(lengths[i * len(PRIORITY_SUFFIXES) : (i + 1) * len(PRIORITY_SUFFIXES)])
-                depth.add_metric([model, q], n)
+                row = values[i * per : (i + 1) * per]
+                depth.add_metric([model, q], sum(row[:-1]))
+                queued.add_metric([model, q], max(0, int(row[-1] or 0)))
         except Exception as exc:  # Redis down: the request metrics still come out
             log.warning("fleet metrics unavailable: %s", type(exc).__name__)
-        yield from (depth, batches, images, inflight)
+        yield from (depth, queued, batches, images, inflight)
 
 
 class ApiMetrics:
