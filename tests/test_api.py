@@ -337,3 +337,41 @@ def test_cors_only_for_configured_origins(api_stack: ApiStack, tmp_path):
                 assert (got.headers.get("access-control-allow-origin") == origin) is allowed
     finally:
         api.stop()
+
+
+def test_s3_source_with_webdataset_shards_and_hf_parquet(api_stack: ApiStack, s3_server, s3_bucket, tmp_path):
+    """A source prefix holding a WebDataset shard and an HF datasets Parquet file: every member and
+    row is its own job, sidecars and ids travel into meta.source, as with `scalecap submit`."""
+    from tests.test_shards import _hf_parquet, wds_samples, write_tar
+
+    s, a = api_stack, api_stack.tenant_a
+    c = s3_server.client()
+    shard = write_tar(tmp_path / "00000.tar", wds_samples(["red", "blue"]))
+    c.put_object(Bucket=s3_bucket, Key="ds/shards/00000.tar", Body=shard.read_bytes())
+    bid = s.submit(a, source=f"s3://{s3_bucket}/ds/shards/{{00000..00000}}.tar")
+    st = s.wait(bid, a)
+    assert (st["total"], st["done"]) == (2, 2), st
+    rows = [json.loads(x) for x in s.get(f"/v1/batches/{bid}/results", a).text.splitlines()]
+    metas = [r["scalecap_record"]["meta"]["source"] for r in rows]
+    sources = sorted((m["key"], m["txt"]) for m in metas)
+    assert sources == [("000000", "alt text red"), ("000001", "alt text blue")]
+    assert all(r["image"].startswith(f"wds+s3://{s3_bucket}/ds/shards/00000.tar#") for r in rows)
+
+    pq = _hf_parquet(tmp_path / "train.parquet", ["green", "white", "yellow"])
+    c.put_object(Bucket=s3_bucket, Key="ds/hf/train.parquet", Body=pq.read_bytes())
+    bid = s.submit(a, source=f"s3://{s3_bucket}/ds/hf/", image_column="image", id_column="uid")
+    st = s.wait(bid, a)
+    assert (st["total"], st["done"]) == (3, 3), st
+    rows = [json.loads(x) for x in s.get(f"/v1/batches/{bid}/results", a).text.splitlines()]
+    assert sorted(r["scalecap_record"]["meta"]["source"]["id"] for r in rows) == ["uid-0", "uid-1", "uid-2"]
+
+
+def test_shard_references_are_vetted_by_what_they_open(api_stack: ApiStack):
+    """A wds+/pq+ reference names a file a worker will open: it gets the same guard as a path."""
+    s, a = api_stack, api_stack.tenant_a
+    r = s.post("/v1/batches", a, json={"images": ["wds+file:///etc/shadow.tar#key=x&ext=jpg&offset=0&size=9"]})
+    _problem(r, 400)
+    assert "outside the allowed roots" in r.json()["detail"] or "not allowed" in r.json()["detail"]
+    r = s.post("/v1/batches", a, json={"images": ["pq+s3://b/f.parquet#garbage"]})
+    _problem(r, 400)
+    assert "shard reference" in r.json()["detail"]

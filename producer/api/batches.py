@@ -38,7 +38,7 @@ from producer.api.quota import capped
 from producer.api.refs import RefError, check_ref, checked_rows
 from producer.api.submission import UploadAborted, UploadTooLarge, body_lines
 from producer.client import BatchNotFound
-from producer.sources import SourceRow, manifest_rows, s3_rows
+from producer.sources import SourceRow, expand, manifest_rows
 from scalecap.api_keys import ApiKey
 from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.errors import ConfigError
@@ -133,10 +133,14 @@ def quota_exceeded(request: Request, key: ApiKey, detail: str) -> ApiProblem:
 # --- POST /v1/batches -----------------------------------------------------------------------
 
 
-def _source_rows(client: Any, url: str, image_key: str) -> Iterator[SourceRow]:
-    """Rows of an s3:// prefix or manifest; a listing that fails becomes one error row."""
+def _source_rows(client: Any, url: str, image_key: str, image_column: str | None = None,
+                 id_column: str | None = None) -> Iterator[SourceRow]:
+    """Rows of an s3:// prefix, object or brace pattern: images, JSONL manifests, WebDataset shards
+    and Parquet files, expanded exactly as `scalecap submit` does (damaged shards give error rows);
+    a listing that fails becomes one error row."""
     try:
-        yield from s3_rows(url, client._s3_client(), image_key=image_key)
+        yield from expand(url, image_key=image_key, image_column=image_column, id_column=id_column,
+                          s3_client_factory=client._s3_client)
     except Exception as exc:
         message = f"reading {url}: {type(exc).__name__}: {exc}"[:500]
         yield SourceRow(ref=url[:1000], error={"stage": "submit", "type": "SourceError", "message": message})
@@ -149,6 +153,7 @@ def _check_source(request: Request, url: str) -> None:
     bucket, _, prefix = url[5:].partition("/")
     if not bucket:
         raise bad_request("source: no bucket", "bad-reference")
+    prefix = prefix.split("{", 1)[0]  # a brace pattern: list what comes before its first group
     allowed = getattr(settings, "allowed_buckets", None) or []
     if allowed and bucket not in allowed:
         raise bad_request(f"source: bucket {bucket!r} is not allowed", "bad-reference")
@@ -161,8 +166,16 @@ def _check_source(request: Request, url: str) -> None:
 
 def _check_bucket(request: Request, ref: str) -> str:
     allowed = getattr(request.app.state.settings, "allowed_buckets", None) or []
-    if allowed and ref.startswith("s3://") and ref[5:].partition("/")[0] not in allowed:
-        raise RefError(f"{ref[:120]}: bucket is not allowed")
+    if not allowed:
+        return ref
+    opened = [ref]
+    if ref.startswith(("wds+", "pq+")):
+        from scalecap.shard_refs import locations
+
+        opened = locations(ref)  # check_ref has vetted its form already
+    for loc in opened:
+        if loc.startswith("s3://") and loc[5:].partition("/")[0] not in allowed:
+            raise RefError(f"{ref[:120]}: bucket is not allowed")
     return ref
 
 
@@ -255,7 +268,8 @@ async def create_batch(
         rows = capped((SourceRow(r) for r in refs), room)
     else:
         await run_in_threadpool(_check_source, request, req.source)
-        rows = capped(checked_rows(_source_rows(client, req.source, req.image_key), roots), room)
+        rows = capped(checked_rows(_source_rows(client, req.source, req.image_key, req.image_column,
+                                                req.id_column), roots), room)
 
     submit_kw = dict(sink=req.sink, webhook=req.webhook, webhook_jobs=req.webhook_jobs, config=cfg,
                      batch_id=bid, model=model_name, owner=key.key_id)

@@ -21,8 +21,10 @@ class BatchRequest(BaseModel):
         description="Image references: http(s)://, s3://bucket/key, data: URIs, or local paths "
                     "inside the server's allowed roots")
     source: str | None = Field(
-        default=None, description="Instead of images: s3://bucket/prefix/ (every image under it) "
-                                  "or s3://bucket/manifest.jsonl", max_length=2048)
+        default=None, description="Instead of images: s3://bucket/prefix/ (every image, JSONL "
+                                  "manifest, WebDataset .tar shard and .parquet file under it), one "
+                                  "such object, or a brace pattern such as "
+                                  "s3://bucket/shards/{00000..00127}.tar", max_length=2048)
     model: str | None = Field(default=None, max_length=512, pattern=MODEL_PATTERN,
                               description="Model whose workers run the jobs (default: the server's)")
     config: dict[str, Any] | None = Field(default=None, description="ScaleCap config fields")
@@ -34,6 +36,13 @@ class BatchRequest(BaseModel):
                                  description="Client-chosen id: resubmitting to it adds only new images")
     image_key: str = Field(default="image", max_length=128,
                            description="Field holding the image in a manifest's lines")
+    image_column: str | None = Field(default=None, max_length=256,
+                                     description="Parquet sources: the image column (URLs/paths, or "
+                                                 "bytes as HF's Image feature stores them); "
+                                                 "default: image_key")
+    id_column: str | None = Field(default=None, max_length=256,
+                                  description="Parquet sources: a column whose value is kept as the "
+                                              "record's source key")
 
 
 class CaptionRequest(BaseModel):

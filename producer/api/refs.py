@@ -2,9 +2,11 @@
 
 The API does not read images, directories or manifests named by a caller (FleetClient would
 expand a local directory or manifest path on this host): every reference becomes one job as it
-is, and the workers load it through their own guarded loader. Local paths and file:// URIs are
-accepted only inside `SCALECAP_ALLOWED_ROOTS` (checked lexically and, where the path exists
-here, after resolving symlinks), so a caller cannot name /etc/passwd or walk out with `..`.
+is, and the workers load it through their own guarded loader. A shard reference (`wds+...` for a
+WebDataset member, `pq+...` for a Parquet row) is vetted by what it makes a worker open. Local
+paths and file:// URIs are accepted only inside `SCALECAP_ALLOWED_ROOTS` (checked lexically and,
+where the path exists here, after resolving symlinks), so a caller cannot name /etc/passwd or walk
+out with `..`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ def check_ref(ref: object, roots: Sequence[str]) -> str:
         raise RefError(f"reference longer than {MAX_REF_CHARS} characters")
     shown = ref[:120] + ("..." if len(ref) > 120 else "")
     low = ref[:16].lower()
+    if low.startswith(("wds+", "pq+")):  # a WebDataset member or a Parquet row: vet what it opens
+        from scalecap.shard_refs import locations
+
+        try:
+            opened = locations(ref)
+        except Exception as exc:
+            raise RefError(f"{shown}: malformed shard reference ({exc})") from exc
+        for loc in opened:
+            check_ref(loc, roots)
+        return ref
     if low.startswith(("http://", "https://")):
         parts = urlsplit(ref)
         if not parts.hostname:
