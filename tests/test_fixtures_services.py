@@ -32,13 +32,23 @@ def test_redis_url_is_a_fresh_db_each_time(redis_server, redis_url):
     assert other.get("k") is None
 
 
-def test_redis_restart_keeps_the_port(redis_server, redis_url):
+def test_redis_restart_keeps_the_port(tmp_path):
+    # A server of its own: restarting the session's server (no persistence) would wipe what
+    # session-scoped stacks keep there, such as the HTTP API's keys.
     import redis
 
-    port = redis_server.port
-    redis_server.restart()
-    assert redis_server.port == port
-    assert redis.Redis.from_url(redis_url).ping()
+    from tests.fixtures_services import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        port = server.port
+        url = f"{server.url}/{server.fresh_db()}"
+        server.restart()
+        assert server.port == port
+        assert redis.Redis.from_url(url).ping()
+    finally:
+        server.stop()
 
 
 def test_s3_bucket_roundtrip_and_env(s3_server, s3_bucket):
