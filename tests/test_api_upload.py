@@ -21,7 +21,8 @@ from tests.api_support import IDLE_MODEL, ApiStack, create_key
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 LINES = int(os.environ.get("SCALECAP_TEST_UPLOAD_LINES", "50000"))
-"""Lines of the large upload (each row costs the fleet a Redis job; 200000 takes minutes here)."""
+"""Lines of the large upload (each row costs the fleet a Redis job; 200000 takes minutes here).
+A million lines need about 80 MiB: run with SCALECAP_TEST_MAX_UPLOAD=209715200 as well."""
 UPLOAD_BYTES = 30 * 2**20
 """About this many bytes, whatever LINES is: long lines when they are few."""
 
