@@ -27,38 +27,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.queue_overhead import REPO, start_redis, start_worker, stop
+from bench.queue_overhead import REPO, commandstats, server_cpu_usec, start_redis, start_worker, stop
 from bench.report import print_table, write_json
 
 STANDIN = "bench.standin_engine:FixedCapacityVLM"
 
 
-def commandstats(r: Any) -> dict[str, int]:
-    """Calls per command so far (INFO commandstats)."""
-    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in r.info("commandstats").items()}
+def _calls(stats: dict[str, dict[str, int]]) -> int:
+    return sum(v["calls"] for v in stats.values())
 
 
-def redis_cpu_seconds(r: Any) -> float:
-    info = r.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-def command_usec(r: Any) -> float:
+def _usec(stats: dict[str, dict[str, int]]) -> float:
     """Microseconds Redis spent executing commands (INFO commandstats), scripts included."""
-    return float(sum(v["usec"] for v in r.info("commandstats").values()))
+    return float(sum(v["usec"] for v in stats.values()))
 
 
 def _poll_cost(client: Any, r: Any, batch_id: str) -> int:
     """Redis commands one status() poll costs, so the bench's own polling can be subtracted."""
-    before = commandstats(r)
+    before = _calls(commandstats(r))
     client.status(batch_id)
-    after = commandstats(r)
-    return sum(after[k] - before.get(k, 0) for k in after) - 1  # less the INFO itself
+    return _calls(commandstats(r)) - before - 1  # less the INFO itself
 
 
 def run_batch(client: Any, r: Any, refs: list[str], tag: str, poll: float = 0.1) -> dict[str, Any]:
     """Submit `refs` as one batch and wait for it to finish; what it cost Redis, per image."""
-    cmds0, cpu0, us0 = commandstats(r), redis_cpu_seconds(r), command_usec(r)
+    stats0, cpu0 = commandstats(r), server_cpu_usec(r)
     t0 = time.perf_counter()
     sub = client.submit(refs, sink="redis", model="standin", config={"extra": {"bench": tag}})
     polls = 0
@@ -69,17 +62,17 @@ def run_batch(client: Any, r: Any, refs: list[str], tag: str, poll: float = 0.1)
             break
         time.sleep(poll)
     seconds = time.perf_counter() - t0
-    cmds1, cpu1, us1 = commandstats(r), redis_cpu_seconds(r), command_usec(r)
+    stats1, cpu1 = commandstats(r), server_cpu_usec(r)
     if st["done"] != len(refs):
         raise SystemExit(f"run {tag} incomplete: {st}")
     per_poll = _poll_cost(client, r, sub.batch_id)
-    commands = sum(cmds1[k] - cmds0.get(k, 0) for k in cmds1) - polls * (per_poll + 1)
+    commands = _calls(stats1) - _calls(stats0) - polls * (per_poll + 1)
     return {
         "seconds": seconds,
         "images_per_s": len(refs) / seconds,
         "redis_commands_per_image": commands / len(refs),
-        "redis_cpu_us_per_image": (cpu1 - cpu0) * 1e6 / len(refs),
-        "redis_command_us_per_image": (us1 - us0) / len(refs),
+        "redis_cpu_us_per_image": (cpu1 - cpu0) / len(refs),
+        "redis_command_us_per_image": (_usec(stats1) - _usec(stats0)) / len(refs),
     }
 
 
