@@ -78,6 +78,17 @@ class ChatRenderer:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]]
 
+    def continuation_tokens(
+        self, text: str, ids: list[int] | None = None
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids to teacher-force for a continuation and each one's character span in `text`:
+        the given `ids` (tokens the engine generated: one-pass scoring) or `text` tokenized."""
+        if ids is not None:
+            ids = list(ids)
+            return ids, self.spans_of_ids(ids, text)
+        ids, offsets = self.encode_continuation(text)
+        return ids, token_spans(offsets, len(text))
+
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 

@@ -24,7 +24,7 @@ from scalecap.backends.base import (
     ScoreResult,
     TokenScore,
 )
-from scalecap.backends.chat import ChatRenderer, token_spans
+from scalecap.backends.chat import ChatRenderer
 from scalecap.errors import BackendError, ConfigError
 
 
@@ -274,12 +274,7 @@ class TransformersBackend:
         import torch
 
         prefix = self.renderer.render(req.prompt, system=req.system, has_image=req.image is not None)
-        if req.continuation_ids is not None:
-            cont_ids = list(req.continuation_ids)
-            spans = self.renderer.spans_of_ids(cont_ids, req.continuation)
-        else:
-            cont_ids, offsets = self.renderer.encode_continuation(req.continuation)
-            spans = token_spans(offsets, len(req.continuation))
+        cont_ids, spans = self.renderer.continuation_tokens(req.continuation, req.continuation_ids)
         if not cont_ids:
             return ScoreResult(tokens=[], prompt_tokens=0)
         inputs = self._inputs([prefix], [req.image] if req.image is not None else [])

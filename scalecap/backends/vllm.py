@@ -28,7 +28,7 @@ from scalecap.backends.base import (
     TokenScore,
     gather_or_cancel,
 )
-from scalecap.backends.chat import ChatRenderer, token_spans
+from scalecap.backends.chat import ChatRenderer
 from scalecap.errors import BackendError, ConfigError
 
 LOGIT_MODES = ("raw_logits", "processed_logits")
@@ -220,12 +220,7 @@ class VLLMBackend:
 
     async def _score_one(self, req: ScoreRequest) -> ScoreResult:
         prefix = self.renderer.render(req.prompt, system=req.system, has_image=req.image is not None)
-        if req.continuation_ids is not None:
-            cont_ids = list(req.continuation_ids)
-            spans = self.renderer.spans_of_ids(cont_ids, req.continuation)
-        else:
-            cont_ids, offsets = self.renderer.encode_continuation(req.continuation)
-            spans = token_spans(offsets, len(req.continuation))
+        cont_ids, spans = self.renderer.continuation_tokens(req.continuation, req.continuation_ids)
         if not cont_ids:
             return ScoreResult(tokens=[], prompt_tokens=0)
         prompt: dict[str, Any] = {"prompt_token_ids": self.renderer.encode_prefix(prefix) + cont_ids}
