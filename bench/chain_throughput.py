@@ -156,7 +156,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from scalecap.tiny_model import build_tiny_qwen2vl
+        from scalecap.testing.tiny_model import build_tiny_qwen2vl
 
         args.model = str(build_tiny_qwen2vl(os.path.join(tempfile.gettempdir(), "scalecap-bench-tiny")))
         args.max_model_len = args.max_model_len or 2048

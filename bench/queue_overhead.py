@@ -108,7 +108,7 @@ def serve_noop(broker_url: str, concurrency: int) -> int:
     """The bare Celery worker: the fleet's app settings, one task that only signals completion."""
     import redis
 
-    from scalecap.queue_app import create_app
+    from scalecap.fleet.app import create_app
     from scalecap.settings import Settings
 
     app = create_app(Settings(broker_url=broker_url))
@@ -137,8 +137,8 @@ class NullRuntime:
 
 def serve_fleet_noop(broker_url: str, concurrency: int) -> int:
     """A fleet worker (workers.tasks, workers.jobs: the real protocol) on NullRuntime."""
-    from scalecap.queue_app import create_app
-    from scalecap.queue_protocol import gpu_queue, quarantine_queue
+    from scalecap.fleet.app import create_app
+    from scalecap.fleet.protocol import gpu_queue, quarantine_queue
     from scalecap.settings import Settings
     from workers import engine
     from workers.tasks import register_tasks
@@ -231,7 +231,7 @@ def run_bare(app: Any, r: Any, n: int, tag: str) -> Run:
 
 
 def run_fleet(client: Any, r: Any, refs: list[str], extra: dict[str, Any], k: int) -> Run:
-    from scalecap.queue_protocol import batch_key
+    from scalecap.fleet.protocol import batch_key
 
     box: dict[str, str] = {}
 
@@ -253,7 +253,7 @@ def run_chain_alone(refs: list[str], roots: list[str], concurrency: int) -> floa
 
     from scalecap.chain import ChainItem, ScaleCapChain
     from scalecap.config import ImageScaleCaptionGenerateConfig
-    from scalecap.images import ImageLimits
+    from scalecap.images.load import ImageLimits
     from tests.scripted_vlm import ScriptedVLM
 
     config = ImageScaleCaptionGenerateConfig()
@@ -292,7 +292,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
     from producer.client import FleetClient
-    from scalecap.queue_app import create_app
+    from scalecap.fleet.app import create_app
     from scalecap.settings import Settings
 
     tmp = Path(tempfile.mkdtemp(prefix="scalecap-bench-queue-"))

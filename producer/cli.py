@@ -41,7 +41,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def add_submit_args(p: argparse.ArgumentParser) -> None:
-    from scalecap.cli_options import add_config_args
+    from scalecap.cli.options import add_config_args
 
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="JSONL manifest, directory, s3://bucket/prefix, WebDataset .tar shard (brace "
@@ -67,8 +67,8 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from scalecap.cli_options import config_from_args
-    from scalecap.queue_protocol import BatchMismatch
+    from scalecap.cli.options import config_from_args
+    from scalecap.fleet.protocol import BatchMismatch
 
     client = _client(args)
     config = config_from_args(args)
@@ -190,7 +190,7 @@ def _lazy(module: str, attr: str) -> Callable[..., Any]:
 
 
 HANDLERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[..., int]]] = {
-    "caption": (_lazy("scalecap.cli_caption", "add_cli_args"), _lazy("scalecap.cli_caption", "main")),
+    "caption": (_lazy("scalecap.cli.caption", "add_cli_args"), _lazy("scalecap.cli.caption", "main")),
     "worker": (_lazy("workers.cli", "add_cli_args"), _lazy("workers.cli", "main")),
     "submit": (add_submit_args, cmd_submit),
     "status": (add_status_args, cmd_status),
@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     from scalecap.errors import ScaleCapError
-    from scalecap.redact import protect_process, redact_text
+    from scalecap.fleet.redact import protect_process, redact_text
 
     secrets = protect_process(None, getattr(args, "broker_url", None))  # no password in any output
     try:

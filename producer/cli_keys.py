@@ -27,8 +27,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from scalecap.api_keys import KeyStore
-    from scalecap.redis_conn import redis_client
+    from scalecap.fleet.keys import KeyStore
+    from scalecap.fleet.redis import redis_client
     from scalecap.settings import Settings
 
     settings = Settings.from_env(broker_url=args.broker_url)

@@ -13,11 +13,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from scalecap import failpoints
 from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.errors import ConfigError, ScaleCapError
-from scalecap.netguard import bucket_refusal
-from scalecap.queue_protocol import (
+from scalecap.fleet import failpoints
+from scalecap.fleet.protocol import (
     DEAD_LETTER_KEY,
     IO_QUEUE,
     TASK_CAPTION,
@@ -32,7 +31,8 @@ from scalecap.queue_protocol import (
     queue_queued_key,
     webhook_attempts_key,
 )
-from scalecap.redact import redact_url
+from scalecap.fleet.redact import redact_url
+from scalecap.netguard import bucket_refusal
 from scalecap.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,8 @@ class FleetClient:
     """One producer's view of the fleet: Redis for state, Celery (by task name) for jobs."""
 
     def __init__(self, settings: Settings | None = None, *, redis_client: Any = None) -> None:
-        from scalecap import redis_conn
-        from scalecap.queue_app import create_app
+        from scalecap.fleet import redis as redis_conn
+        from scalecap.fleet.app import create_app
 
         self.settings = settings or Settings.from_env()
         self.redis = redis_client or redis_conn.redis_client(self.settings.broker_url, self.settings)
@@ -117,13 +117,13 @@ class FleetClient:
     def sink(self, url: str) -> Any:
         """The sink for `url`, opened once (an S3 sink checks its bucket when opened)."""
         if url not in self._sinks:
-            from scalecap.sinks import open_sink
+            from scalecap.fleet.sinks import open_sink
 
             self._sinks[url] = open_sink(url, settings=self.settings, redis_client=self.results_redis)
         return self._sinks[url]
 
     def _s3_client(self) -> Any:
-        from scalecap.sinks import s3_client
+        from scalecap.fleet.sinks import s3_client
 
         return s3_client(self.settings)
 
@@ -436,7 +436,7 @@ class FleetClient:
     def reconcile(self, grace: float | None = None) -> dict[str, int]:
         """One reconcile pass (what the I/O worker runs periodically): publish chunks noted
         unpublished for longer than `grace` s, take back expired leases, drain the outbox."""
-        from scalecap.reconcile import Reconciler
+        from scalecap.fleet.reconcile import Reconciler
 
         rec = Reconciler(self.app, self.store, self.settings)
         report = rec.reconcile(grace)

@@ -134,7 +134,7 @@ class _RedisReader:
         w.bodies = pipe.execute()
 
     def finish(self, w: _Window) -> list[Any]:
-        from scalecap.sinks import SinkError
+        from scalecap.fleet.sinks import SinkError
 
         return [b if b is not None else SinkError(f"{loc} is gone (expired or never set)")
                 for loc, b in zip(w.locations, w.bodies, strict=True)]
@@ -188,7 +188,7 @@ def _source_of(ref: Any) -> dict[str, Any]:
     """Where a shard job came from, from its reference alone: for rows no worker made (a member
     cut short at submission, a lost job), which have no meta.source."""
     from scalecap.errors import ImageError
-    from scalecap.shard_refs import is_shard_ref, parse_ref
+    from scalecap.images.shards import is_shard_ref, parse_ref
 
     if not is_shard_ref(ref):
         return {}
@@ -311,8 +311,8 @@ def read_image_bytes(ref: str, limits: Any) -> tuple[bytes, str]:
     """The original bytes of an image reference and an extension for them (no decoding)."""
     from PIL import Image
 
-    from scalecap import images
-    from scalecap.shard_refs import describe, is_shard_ref, parse_ref, read_shard_ref
+    from scalecap.images import load as images
+    from scalecap.images.shards import describe, is_shard_ref, parse_ref, read_shard_ref
 
     if is_shard_ref(ref):
         got = read_shard_ref(ref, limits, describe(ref))
@@ -360,7 +360,7 @@ def export(client: Any, batch_id: str, fmt: str, output: str, *, with_images: bo
         return write_parquet(rows, output)
     limits = None
     if with_images:
-        from scalecap.images import ImageLimits
+        from scalecap.images.load import ImageLimits
 
         limits = ImageLimits.from_settings(client.settings)
     return write_webdataset(rows, output, with_images=with_images, limits=limits)

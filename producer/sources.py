@@ -6,7 +6,7 @@ last line is read. A line that cannot become a job (bad JSON, no image field) is
 becomes a row with an error, which the client records as a failed job with an error record.
 
 Shards (WebDataset `.tar`, Parquet / HF datasets `.parquet`) expand into one row per image member
-or row, each with a `wds+`/`pq+` reference (scalecap/shard_refs.py) that tells a worker where its
+or row, each with a `wds+`/`pq+` reference (scalecap/images/shards.py) that tells a worker where its
 bytes are. A tar is indexed by reading its headers in one forward pass (local files seek over the
 data; S3 objects stream through a fixed buffer), a Parquet file by its footer and, when needed,
 its URL/id columns one row group at a time: memory stays constant whatever the shard's size.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scalecap.shard_refs import (
+from scalecap.images.shards import (
     SIDECAR_EXTENSIONS,
     MemberRef,
     RowRef,

@@ -16,8 +16,8 @@ from scalecap.errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ImageScaleCaptionGenerate": "scalecap.operator",
-    "FileStorage": "scalecap.storage",
+    "ImageScaleCaptionGenerate": "scalecap.dataflow.operator",
+    "FileStorage": "scalecap.dataflow.storage",
 }
 """Imported on first use: they load DataFlow when it is installed, which workers do not need."""
 

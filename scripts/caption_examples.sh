@@ -36,7 +36,7 @@ else
   bash scripts/setup_cpu_env.sh "$venv"
   model=.cache/tiny-qwen2vl
   tiny=1
-  "$venv/bin/python" -m scalecap.tiny_model "$model"
+  "$venv/bin/python" -m scalecap.testing.tiny_model "$model"
   export VLLM_ENABLE_V1_MULTIPROCESSING=${VLLM_ENABLE_V1_MULTIPROCESSING:-0}
   export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1
   engine=(--max-model-len 2048 --enforce-eager --dtype bfloat16 --max-num-seqs 32)

@@ -100,7 +100,7 @@ class Receiver:
     """A webhook receiver on 127.0.0.1 that keeps only events whose signature verifies."""
 
     def __init__(self, secret: str) -> None:
-        from scalecap.webhooks import verify_webhook
+        from scalecap.fleet.signatures import verify_webhook
 
         events: list[dict[str, Any]] = []
         rejected: list[str] = []

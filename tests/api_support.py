@@ -157,7 +157,7 @@ class ApiStack:
 @pytest.fixture(scope="session")
 def api_stack(redis_server: Any, s3_server: Any, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[ApiStack]:
-    from scalecap.webhooks import generate_secret
+    from scalecap.fleet.signatures import generate_secret
 
     if not redis_server.running:
         redis_server.start()

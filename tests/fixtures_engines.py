@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from scalecap.runtime import BackgroundLoop
-from scalecap.tiny_model import build_tiny_qwen2vl
+from scalecap.testing.tiny_model import build_tiny_qwen2vl
 
 ENGINE_TIMEOUT_S = 300.0
 
@@ -32,7 +32,7 @@ VLLM_TEST_OPTIONS: dict[str, Any] = {
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder of the tiny random-weight Qwen2-VL (scalecap.tiny_model)."""
+    """Folder of the tiny random-weight Qwen2-VL (scalecap.testing.tiny_model)."""
     reuse = os.environ.get("SCALECAP_TINY_MODEL_DIR")
     out = Path(reuse) if reuse else tmp_path_factory.mktemp("tiny-qwen2vl")
     return build_tiny_qwen2vl(out)

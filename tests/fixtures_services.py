@@ -397,7 +397,7 @@ class WebhookReceiver:
             return list(self.requests)
 
     def _record(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, str | None]:
-        from scalecap.webhooks import verify_webhook
+        from scalecap.fleet.signatures import verify_webhook
 
         verified = verify_webhook(self.secret, headers, body)
         with self._cond:
@@ -428,7 +428,7 @@ def _handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
 
 @pytest.fixture
 def webhook_receiver():
-    from scalecap.webhooks import generate_secret
+    from scalecap.fleet.signatures import generate_secret
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), None)  # type: ignore[arg-type]
     receiver = WebhookReceiver(url="", secret=generate_secret())

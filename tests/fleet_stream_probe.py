@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     manifest, first_ref, worker_pid = argv[0], argv[1], int(argv[2])
     from producer.client import FleetClient
     from scalecap.config import ImageScaleCaptionGenerateConfig
-    from scalecap.queue_protocol import fleet_job_id
+    from scalecap.fleet.protocol import fleet_job_id
 
     client = FleetClient()
     warm = [f"/warmup/{i}.png" for i in range(2000)]

@@ -179,7 +179,7 @@ def test_webhook_signed_with_the_keys_own_secret(api_stack: ApiStack, webhook_re
     got = webhook_receiver.wait_for(1, timeout=60)
     assert got[0].json()["type"] == "batch.completed" and got[0].json()["data"]["batch_id"] == bid
     assert got[0].verified, "not signed with the key's own webhook secret"
-    from scalecap.webhooks import verify_webhook
+    from scalecap.fleet.signatures import verify_webhook
 
     # Neither the other tenant's secret nor the fleet's shared one verifies it.
     assert not verify_webhook(b.webhook_secret, got[0].headers, got[0].body)
@@ -296,10 +296,10 @@ def test_redis_down_is_503_not_a_crash(tmp_path):
 
 def test_readyz_reads_worker_heartbeats_when_remote_control_is_off(api_stack: ApiStack, tmp_path):
     """With Celery remote control off, readiness comes from heartbeats in Redis (written here as a
-    worker would write them with scalecap.worker_presence.beat)."""
+    worker would write them with scalecap.fleet.presence.beat)."""
     import httpx
 
-    from scalecap import worker_presence
+    from scalecap.fleet import presence as worker_presence
     from tests.api_support import ApiProcess
 
     api = ApiProcess({**api_stack.env, "SCALECAP_REMOTE_CONTROL": "0"}, tmp_path / "api.log").start()

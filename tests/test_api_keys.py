@@ -13,8 +13,8 @@ import pytest
 from producer.api.refs import RefError, check_ref, checked_rows
 from producer.api.submission import MAX_LINE_BYTES, UploadTooLarge, body_lines
 from producer.sources import SourceRow
-from scalecap.api_keys import ApiKey, KeyStore, parse_scopes
 from scalecap.errors import ConfigError
+from scalecap.fleet.keys import ApiKey, KeyStore, parse_scopes
 
 
 @pytest.fixture

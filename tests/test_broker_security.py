@@ -126,7 +126,7 @@ def test_tls_verifies_the_server_certificate(secure_redis, tmp_path):
 
 def test_remote_control_is_off_by_default_and_events_still_flow(secure_redis, tmp_path):
     """Flower's basic view lives on task events, not on remote control."""
-    from scalecap.queue_app import create_app
+    from scalecap.fleet.app import create_app
     from scalecap.settings import Settings
 
     url, _ = urls(secure_redis)["password"]

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from scalecap.cli_options import add_engine_args, engine_options
+from scalecap.cli.options import add_engine_args, engine_options
 from scalecap.settings import Settings
 
 

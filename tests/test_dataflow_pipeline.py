@@ -15,8 +15,8 @@ import pytest
 
 from scalecap import FileStorage, ImageScaleCaptionGenerate, ImageScaleCaptionGenerateConfig
 from scalecap.backends.base import GenerateRequest
+from scalecap.dataflow.serving import BackendServing
 from scalecap.errors import ConfigError
-from scalecap.serving_handle import BackendServing
 from tests.image_corpus import write_corpus
 from tests.scripted_vlm import ScriptedVLM
 

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from scalecap.webhooks import make_headers
+from scalecap.fleet.signatures import make_headers
 
 pytestmark = pytest.mark.services
 

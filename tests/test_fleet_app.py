@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scalecap.queue_app import create_app, transport_options
+from scalecap.fleet.app import create_app, transport_options
 from scalecap.settings import Settings
 
 

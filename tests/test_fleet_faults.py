@@ -1,5 +1,5 @@
 """Fault injection against real redis-server, SeaweedFS, `scalecap worker` processes and an HTTP
-receiver, with named failpoints (scalecap/failpoints.py, `SCALECAP_FAILPOINT=name:exit`).
+receiver, with named failpoints (scalecap/fleet/failpoints.py, `SCALECAP_FAILPOINT=name:exit`).
 
 Each case ends with every record exactly once, the batch finished, each event delivered with its
 own webhook-id, and no job charged for another's crash (attempts stay 0 unless the job itself
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from scalecap.queue_protocol import OUTBOX_KEY, UNPUBLISHED_KEY
+from scalecap.fleet.protocol import OUTBOX_KEY, UNPUBLISHED_KEY
 from tests.fixtures_services import WebhookReceiver, _handler
 from tests.fleet_support import REPO, Fleet, make_images, s3_objects, wait_until
 
@@ -209,7 +209,7 @@ def test_s3_down_30s_receiver_down_2min_and_a_job_past_its_deadline(redis_server
     back; nobody is charged), the webhook receiver refuses connections for 2 minutes (every
     per-job and batch event still arrives, each once, with its own id), and one image hangs past
     the job timeout (cancelled each time, charged, dead-lettered as JobTimeout)."""
-    from scalecap.webhooks import generate_secret
+    from scalecap.fleet.signatures import generate_secret
 
     receiver = _Receiver(generate_secret())
     receiver.start()

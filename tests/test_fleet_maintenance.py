@@ -14,7 +14,7 @@ import time
 import pytest
 
 from producer.client import FleetClient
-from scalecap.queue_protocol import (
+from scalecap.fleet.protocol import (
     BATCHES_KEY,
     IO_JOBS_QUEUE,
     IO_QUEUE,
@@ -24,7 +24,7 @@ from scalecap.queue_protocol import (
     BatchMismatch,
     queue_queued_key,
 )
-from scalecap.reconcile import Reconciler
+from scalecap.fleet.reconcile import Reconciler
 from scalecap.settings import Settings
 from tests.fleet_support import REPO
 
@@ -153,7 +153,7 @@ def test_purge_one_batch_and_batches_finished_before_a_date(redis_url):
 def test_webhook_secret_is_the_batch_owners_when_the_key_has_one(redis_url):
     import redis
 
-    from scalecap.api_keys import KeyStore
+    from scalecap.fleet.keys import KeyStore
     from workers.tasks import webhook_secret
 
     r = redis.Redis.from_url(redis_url)
@@ -177,7 +177,7 @@ def test_records_go_to_a_separate_results_redis(redis_server, redis_url):
     """SCALECAP_RESULTS_URL: the Redis sink writes there, state stays on the broker."""
     import redis
 
-    from scalecap.queue_protocol import JobMessage
+    from scalecap.fleet.protocol import JobMessage
     from workers.jobs import JobContext, process_chunk
 
     results_url = f"{redis_server.url}/{redis_server.fresh_db()}"
@@ -200,7 +200,7 @@ def test_records_go_to_a_separate_results_redis(redis_server, redis_url):
 
 
 def test_status_reads_a_capped_tail_of_the_webhook_attempts(redis_url):
-    from scalecap.queue_protocol import WEBHOOK_ATTEMPTS_SHOWN, webhook_attempts_key
+    from scalecap.fleet.protocol import WEBHOOK_ATTEMPTS_SHOWN, webhook_attempts_key
 
     c = _client(redis_url)
     sub = c.submit(["/x/1.png"], sink="redis", model="nobody", queue=Q)

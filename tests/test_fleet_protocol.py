@@ -13,7 +13,7 @@ import pytest
 
 from producer.sources import expand
 from scalecap.errors import ConfigError
-from scalecap.queue_protocol import (
+from scalecap.fleet.protocol import (
     IO_QUEUE,
     BatchStore,
     Chunk,

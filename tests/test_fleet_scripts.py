@@ -1,4 +1,4 @@
-"""Each Lua transition of the queue protocol (scalecap/protocol/*.lua) against a real Redis.
+"""Each Lua transition of the queue protocol (scalecap/fleet/lua/*.lua) against a real Redis.
 
 BatchStore is the only caller of the scripts, so the tests drive it the way producers, workers
 and the reconciler do, and read the keys back to check what each script wrote.
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from scalecap.queue_protocol import (
+from scalecap.fleet.protocol import (
     BATCHES_KEY,
     DEAD_LETTER_KEY,
     FINISHED_KEY,

@@ -1,4 +1,4 @@
-"""scalecap.images: every reference kind, every corpus file, and the guards (roots, addresses, caps).
+"""scalecap.images.load: every reference kind, every corpus file, and the guards (roots, addresses, caps).
 
 HTTP tests run against a real http.server on 127.0.0.1; S3 tests against the real SeaweedFS.
 """
@@ -31,7 +31,7 @@ from scalecap.errors import (
     ImageTooLarge,
     NotAnImage,
 )
-from scalecap.images import (
+from scalecap.images.load import (
     ImageLimits,
     _forbidden_reason,
     describe_source,
@@ -171,7 +171,7 @@ def test_20000x20000_png_is_refused_without_allocating_its_bitmap(corpus):
         f"""
         import resource, sys
         from scalecap.errors import ImageTooLarge
-        from scalecap.images import load_image
+        from scalecap.images.load import load_image
         load_image({str(corpus["jpeg"])!r})
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:

@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 import yaml
 
-from scalecap.queue_protocol import gpu_queue, quarantine_queue
+from scalecap.fleet.protocol import gpu_queue, quarantine_queue
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"

@@ -17,7 +17,7 @@ HEAVY = ("celery", "kombu", "vllm", "torch", "transformers", "boto3", "redis")
 
 def test_importing_every_core_module_loads_no_heavy_library():
     modules = [m.name for m in pkgutil.walk_packages(scalecap.__path__, "scalecap.")]
-    assert "scalecap.backends.vllm" in modules and "scalecap.queue_app" in modules
+    assert "scalecap.backends.vllm" in modules and "scalecap.fleet.app" in modules
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"

@@ -104,7 +104,7 @@ def test_without_dataflow_installed_the_operator_still_works(tmp_path, corpus):
         "import sys, json\n"
         "sys.modules['dataflow'] = None\n"
         "from scalecap import FileStorage, ImageScaleCaptionGenerate\n"
-        "from scalecap.dataflow_compat import HAVE_DATAFLOW\n"
+        "from scalecap.dataflow.compat import HAVE_DATAFLOW\n"
         "from tests.scripted_vlm import ScriptedVLM\n"
         f"step = FileStorage({str(src)!r}, cache_path={str(tmp_path / 'c')!r}).step()\n"
         "op = ImageScaleCaptionGenerate(ScriptedVLM(), {'max_questions': 1})\n"

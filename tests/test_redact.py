@@ -1,4 +1,4 @@
-"""scalecap.redact and scalecap.redis_conn: what is masked, and which TLS options each URL gets."""
+"""scalecap.fleet.redact and scalecap.fleet.redis: what is masked, and which TLS options each URL gets."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from scalecap.errors import ConfigError
-from scalecap.redact import redact_text, redact_url, settings_secrets, url_password
-from scalecap.redis_conn import broker_use_ssl, celery_broker_url, ssl_options
+from scalecap.fleet.redact import redact_text, redact_url, settings_secrets, url_password
+from scalecap.fleet.redis import broker_use_ssl, celery_broker_url, ssl_options
 from scalecap.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_log_records_and_uncaught_tracebacks_are_scrubbed():
     """In a fresh process: a library logs a URL with a password, then an exception escapes."""
     script = (
         "import logging, sys\n"
-        "from scalecap.redact import protect_process\n"
+        "from scalecap.fleet.redact import protect_process\n"
         "from scalecap.settings import Settings\n"
         "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
         "protect_process(Settings(broker_url='redis://:TopSecret1@h/0', webhook_secret='whsec_Hidden99'))\n"

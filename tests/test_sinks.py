@@ -1,4 +1,4 @@
-"""Result sinks against the real SeaweedFS S3 server and a real Redis (scalecap.sinks)."""
+"""Result sinks against the real SeaweedFS S3 server and a real Redis (scalecap.fleet.sinks)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from scalecap.fleet.sinks import RedisSink, S3Sink, Sink, SinkError, open_sink
 from scalecap.settings import Settings
-from scalecap.sinks import RedisSink, S3Sink, Sink, SinkError, open_sink
 
 pytestmark = pytest.mark.services
 

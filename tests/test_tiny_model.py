@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scalecap.tiny_model import MARKER, MAX_PIXELS, MIN_PIXELS, build_tiny_qwen2vl
+from scalecap.testing.tiny_model import MARKER, MAX_PIXELS, MIN_PIXELS, build_tiny_qwen2vl
 from tests.backend_contract import make_image
 
 SPECIALS = [
@@ -115,7 +115,7 @@ def test_image_token_count_is_bounded(processor, size: tuple[int, int]) -> None:
 def test_cli_reuses_a_built_folder(tiny_model_dir: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run(
-        [sys.executable, "-m", "scalecap.tiny_model", str(tiny_model_dir)],
+        [sys.executable, "-m", "scalecap.testing.tiny_model", str(tiny_model_dir)],
         capture_output=True,
         text=True,
         env=env,
@@ -126,6 +126,9 @@ def test_cli_reuses_a_built_folder(tiny_model_dir: Path) -> None:
 
 
 def test_import_is_light() -> None:
-    code = "import sys, scalecap.tiny_model; print('transformers' in sys.modules, 'torch' in sys.modules)"
+    code = (
+        "import sys, scalecap.testing.tiny_model; "
+        "print('transformers' in sys.modules, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"], out.stdout

@@ -98,7 +98,7 @@ class Site:
         return self.stack.url
 
     def keystore(self) -> Any:
-        from scalecap.api_keys import KeyStore
+        from scalecap.fleet.keys import KeyStore
 
         return KeyStore(self.stack.redis())
 

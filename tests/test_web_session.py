@@ -7,7 +7,7 @@ import pytest
 
 from producer.api.session import SessionSigner
 from producer.api.web import Web, _may_view, _session_key
-from scalecap.api_keys import KeyStore
+from scalecap.fleet.keys import KeyStore
 from scalecap.settings import Settings
 
 pytestmark = pytest.mark.services

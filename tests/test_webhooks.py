@@ -1,4 +1,4 @@
-"""Standard Webhooks signing and verification (scalecap.webhooks): pure functions, no services."""
+"""Standard Webhooks signing and verification (scalecap.fleet.signatures): pure functions, no services."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import hmac
 
 import pytest
 
-from scalecap.webhooks import generate_secret, make_headers, sign, verify_webhook
+from scalecap.fleet.signatures import generate_secret, make_headers, sign, verify_webhook
 
 KEY = bytes(range(32))
 SECRET = "whsec_" + base64.b64encode(KEY).decode()

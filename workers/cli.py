@@ -21,7 +21,7 @@ log = logging.getLogger("scalecap.worker")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    from scalecap.cli_options import add_engine_args
+    from scalecap.cli.options import add_engine_args
 
     parser.add_argument("--gpus", default=None,
                         help="CUDA_VISIBLE_DEVICES for this worker, e.g. 0 or 0,1; several GPUs mean "
@@ -78,9 +78,9 @@ def check_timeouts(settings: Any) -> None:
 
 
 def start_maintenance(app: Any, settings: Any, stop: threading.Event) -> threading.Thread:
-    from scalecap.queue_protocol import BatchStore
-    from scalecap.reconcile import run_forever
-    from scalecap.redis_conn import redis_client
+    from scalecap.fleet.protocol import BatchStore
+    from scalecap.fleet.reconcile import run_forever
+    from scalecap.fleet.redis import redis_client
 
     store = BatchStore(redis_client(settings.broker_url, settings), retention=settings.retention)
     t = threading.Thread(target=run_forever, args=(app, store, settings, stop), name="scalecap-maintenance",
@@ -91,12 +91,12 @@ def start_maintenance(app: Any, settings: Any, stop: threading.Event) -> threadi
 
 def start_presence(settings: Any, hostname: str, queues: list[str], stop: threading.Event,
                    interval: float = 10.0) -> threading.Thread:
-    """Beat `scalecap:workers:{queue}` (scalecap/worker_presence.py) while this worker is healthy.
+    """Beat `scalecap:workers:{queue}` (scalecap/fleet/presence.py) while this worker is healthy.
 
     The API's /readyz reads it when Celery's remote control is off (the default). A worker whose
     engine loop is stuck or whose images stall stops beating, so it drops out of readiness."""
-    from scalecap.redis_conn import redis_client
-    from scalecap.worker_presence import beat
+    from scalecap.fleet.presence import beat
+    from scalecap.fleet.redis import redis_client
     from workers import metrics
 
     client = redis_client(settings.broker_url, settings)
@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
     )
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from scalecap.redact import protect_process
+    from scalecap.fleet.redact import protect_process
 
     protect_process(settings)  # no password, key or webhook token in this worker's logs
 
@@ -141,8 +141,8 @@ def main(args: argparse.Namespace) -> int:
     if settings.metrics_port is not None:  # up before the engine: probes answer while it starts
         metrics.serve(settings.metrics_host, settings.metrics_port)
 
-    from scalecap.queue_app import create_app
-    from scalecap.queue_protocol import IO_JOBS_QUEUE, IO_QUEUE, gpu_queue, quarantine_queue
+    from scalecap.fleet.app import create_app
+    from scalecap.fleet.protocol import IO_JOBS_QUEUE, IO_QUEUE, gpu_queue, quarantine_queue
     from workers.tasks import register_tasks
 
     if not args.io:
@@ -152,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
         queues = [IO_QUEUE, IO_JOBS_QUEUE]  # two lanes: batch events never wait behind job events
         concurrency = args.concurrency or 8
     else:
-        from scalecap.cli_options import engine_options
+        from scalecap.cli.options import engine_options
         from workers import engine
 
         backend, model, options = engine_options(args, settings)

@@ -19,7 +19,7 @@ from typing import Any
 from scalecap.backends.base import Backend
 from scalecap.chain import ChainItem, ScaleCapChain
 from scalecap.config import ImageScaleCaptionGenerateConfig
-from scalecap.images import ImageLimits
+from scalecap.images.load import ImageLimits
 from scalecap.runtime import BackgroundLoop
 from scalecap.settings import Settings
 from workers import metrics
@@ -97,7 +97,7 @@ class EngineRuntime:
         with self._lock:
             chain = self._chains.get(key)
             if chain is None:
-                from scalecap.engine_setup import create_llm
+                from scalecap.backends.setup import create_llm
 
                 llm = self._loop.run(create_llm(config)) if config.llm_base_url else None  # type: ignore[union-attr]
                 chain = ScaleCapChain(
@@ -111,7 +111,7 @@ class EngineRuntime:
         chain = self.chain(config_json)
         record = self.loop.run(metrics.track(chain.caption(ChainItem(source=ref, ref=ref, job_id=job_id))))
         metrics.observe_record(record)  # stage seconds, tokens, error type
-        from scalecap.shard_refs import attach_source  # a shard member's key and sidecars
+        from scalecap.images.shards import attach_source  # a shard member's key and sidecars
 
         return attach_source(record, ref, chain.image_limits)
 
@@ -138,7 +138,7 @@ class EngineRuntime:
         async def run() -> list[Any]:
             return await asyncio.gather(*(one(j, r) for j, r in items), return_exceptions=True)
 
-        from scalecap.shard_refs import attach_source  # a shard member's key and sidecars
+        from scalecap.images.shards import attach_source  # a shard member's key and sidecars
 
         out: list[dict[str, Any] | BaseException] = []
         for (_, ref), record in zip(items, self.loop.run(run()), strict=True):

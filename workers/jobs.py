@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from scalecap import failpoints
 from scalecap.errors import BackendError
-from scalecap.queue_protocol import BatchStore, Chunk, JobMessage, Outcome, batch_key
+from scalecap.fleet import failpoints
+from scalecap.fleet.protocol import BatchStore, Chunk, JobMessage, Outcome, batch_key
+from scalecap.fleet.sinks import Sink, SinkError, open_sink
 from scalecap.record import is_error
 from scalecap.settings import Settings
-from scalecap.sinks import Sink, SinkError, open_sink
 from workers.engine import EngineRuntime, JobTimeout, is_retryable_record
 
 log = logging.getLogger(__name__)

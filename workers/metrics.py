@@ -30,7 +30,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 
-from scalecap.queue_protocol import TASK_CAPTION, TASK_WEBHOOK
+from scalecap.fleet.protocol import TASK_CAPTION, TASK_WEBHOOK
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery
 
-from scalecap.queue_protocol import (
+from scalecap.fleet.protocol import (
     EVENT_JOB_COMPLETED,
     TASK_CAPTION,
     TASK_WEBHOOK,
@@ -59,7 +59,7 @@ def webhook_secret(redis_client: Any, batch: dict[str, str], default: str | None
     owner = batch.get("owner")
     if owner:
         try:
-            from scalecap.api_keys import KeyStore  # the HTTP API's key store, when installed
+            from scalecap.fleet.keys import KeyStore  # the HTTP API's key store, when installed
         except ImportError:
             KeyStore = None
         if KeyStore is not None:
@@ -87,14 +87,14 @@ def register_tasks(app: Celery) -> Celery:
     state: dict[str, Any] = {}
 
     def publish(chunk: Chunk, countdown: float) -> None:
-        from scalecap.reconcile import publish_chunk
+        from scalecap.fleet.reconcile import publish_chunk
 
         publish_chunk(app, chunk, settings.chunk_size, countdown)
 
     def context() -> Any:
         with _ctx_lock:
             if "ctx" not in state:
-                from scalecap.redis_conn import redis_client
+                from scalecap.fleet.redis import redis_client
                 from workers.jobs import JobContext
 
                 client = redis_client(settings.broker_url, settings)

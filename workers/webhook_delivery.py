@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from scalecap.fleet.redact import redact_text, redact_url
+from scalecap.fleet.signatures import make_headers
 from scalecap.netguard import AddressPolicy, AddressRefused, guarded_transport, parse_networks
-from scalecap.redact import redact_text, redact_url
-from scalecap.webhooks import make_headers
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from producer.api.models import BatchRequest, CaptionRequest
 from producer.api.quota import Quota
 from producer.api.submission import Submitter
 from producer.client import FleetClient
-from scalecap.api_keys import KeyStore
+from scalecap.fleet.keys import KeyStore
 from scalecap.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 401 for no key, a malformed, wrong or revoked key (one answer, so a caller learns nothing about
 which); 403 for a live key without the scope. Keys come from `scalecap keys create` (a hash in
-Redis, scalecap/api_keys.py) or, for bootstrapping, `SCALECAP_API_KEYS` (admin keys named env-1,
+Redis, scalecap/fleet/keys.py) or, for bootstrapping, `SCALECAP_API_KEYS` (admin keys named env-1,
 env-2, ...). Neither the key nor its hash is ever logged.
 """
 
@@ -17,7 +17,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from producer.api.problems import ApiProblem
-from scalecap.api_keys import SCOPES, ApiKey
+from scalecap.fleet.keys import SCOPES, ApiKey
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer sk_...`")
 

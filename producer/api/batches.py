@@ -39,10 +39,10 @@ from producer.api.refs import RefError, check_ref, checked_rows
 from producer.api.submission import UploadAborted, UploadTooLarge, body_lines
 from producer.client import BatchNotFound
 from producer.sources import SourceRow, expand, manifest_rows
-from scalecap.api_keys import ApiKey
 from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.errors import ConfigError
-from scalecap.queue_protocol import gpu_queue
+from scalecap.fleet.keys import ApiKey
+from scalecap.fleet.protocol import gpu_queue
 
 router = APIRouter(prefix="/v1", tags=["batches"], dependencies=[Depends(no_unknown_query)])
 
@@ -170,7 +170,7 @@ def _check_bucket(request: Request, ref: str) -> str:
         return ref
     opened = [ref]
     if ref.startswith(("wds+", "pq+")):
-        from scalecap.shard_refs import locations
+        from scalecap.images.shards import locations
 
         opened = locations(ref)  # check_ref has vetted its form already
     for loc in opened:
@@ -274,7 +274,7 @@ async def create_batch(
     submit_kw = dict(sink=req.sink, webhook=req.webhook, webhook_jobs=req.webhook_jobs, config=cfg,
                      batch_id=bid, model=model_name, owner=key.key_id)
     if bid is None:
-        from scalecap.queue_protocol import new_batch_id
+        from scalecap.fleet.protocol import new_batch_id
 
         bid = submit_kw["batch_id"] = new_batch_id()
     await run_in_threadpool(st.quota.track, key, bid)
@@ -289,7 +289,7 @@ async def create_batch(
     except (ConfigError, ValueError) as exc:
         raise bad_request(str(exc)) from exc
     except Exception as exc:
-        from scalecap.sinks import SinkError
+        from scalecap.fleet.sinks import SinkError
 
         if isinstance(exc, SinkError):
             raise bad_request(str(exc), "bad-sink") from exc

@@ -23,9 +23,9 @@ from producer.api.params import no_unknown_query
 from producer.api.problems import ApiProblem, bad_request, responses
 from producer.api.refs import RefError, check_ref
 from producer.sources import SourceRow
-from scalecap.api_keys import ApiKey
 from scalecap.errors import ConfigError
-from scalecap.queue_protocol import new_batch_id
+from scalecap.fleet.keys import ApiKey
+from scalecap.fleet.protocol import new_batch_id
 
 router = APIRouter(prefix="/v1", tags=["captions"], dependencies=[Depends(no_unknown_query)])
 

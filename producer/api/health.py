@@ -3,7 +3,7 @@
 Workers are seen one of two ways, as the fleet is configured:
 - `SCALECAP_REMOTE_CONTROL` on: Celery's `inspect active_queues` broadcast (1 s timeout), which
   names the queues each worker consumes;
-- off (Celery ignores broadcasts then): worker heartbeats in Redis (scalecap/worker_presence.py),
+- off (Celery ignores broadcasts then): worker heartbeats in Redis (scalecap/fleet/presence.py),
   fresh for 30 s after a worker's last beat.
 Either answer is cached for a few seconds so probes cannot flood the broker.
 """
@@ -20,7 +20,7 @@ from producer.api.batches import queue_for
 from producer.api.models import MODEL_PATTERN, Health, Readiness
 from producer.api.params import no_unknown_query
 from producer.api.problems import responses
-from scalecap import worker_presence
+from scalecap.fleet import presence as worker_presence
 
 router = APIRouter(tags=["health"], dependencies=[Depends(no_unknown_query)])
 

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from scalecap.queue_protocol import gpu_queue, queue_queued_key
+from scalecap.fleet.protocol import gpu_queue, queue_queued_key
 
 log = logging.getLogger(__name__)
 

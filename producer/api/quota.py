@@ -1,7 +1,7 @@
 """Per-key quota: how many images a key may have queued or running at once.
 
 The API remembers which of a key's batches may still hold queued images (a small Redis set per
-key, scalecap/api_keys.py); their live counts come from FleetClient.status, and finished
+key, scalecap/fleet/keys.py); their live counts come from FleetClient.status, and finished
 batches leave the set as they are seen. The check happens at admission and is not a lock: two
 requests arriving together may both pass, and a streamed manifest is cut at the quota instead
 (rows beyond it become QuotaExceeded error rows).
@@ -14,7 +14,7 @@ from typing import Any
 
 from producer.client import BatchNotFound
 from producer.sources import SourceRow
-from scalecap.api_keys import ApiKey, active_batches_key
+from scalecap.fleet.keys import ApiKey, active_batches_key
 
 
 def _s(v: Any) -> str:

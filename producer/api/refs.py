@@ -57,7 +57,7 @@ def check_ref(ref: object, roots: Sequence[str]) -> str:
     shown = ref[:120] + ("..." if len(ref) > 120 else "")
     low = ref[:16].lower()
     if low.startswith(("wds+", "pq+")):  # a WebDataset member or a Parquet row: vet what it opens
-        from scalecap.shard_refs import locations
+        from scalecap.images.shards import locations
 
         try:
             opened = locations(ref)

@@ -108,7 +108,7 @@ def web(request: Request) -> Web:
     w = getattr(state, "scalecap_web", None)
     if w is None:
         from producer.client import FleetClient
-        from scalecap.api_keys import KeyStore
+        from scalecap.fleet.keys import KeyStore
         from scalecap.settings import Settings
 
         settings = getattr(state, "settings", None) or Settings.from_env()

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from scalecap.cli_options import add_config_args, add_engine_args, config_from_args, engine_options
+from scalecap.cli.options import add_config_args, add_engine_args, config_from_args, engine_options
 from scalecap.errors import ScaleCapError
 
 HELP = "caption a JSONL manifest in process (no queue)"
@@ -65,7 +65,7 @@ def _done_keys(output: Path, image_key: str, output_key: str) -> Counter[str]:
 
 
 def _rows(path: Path) -> Iterator[dict[str, Any]]:
-    from scalecap.storage import parse_jsonl_line
+    from scalecap.dataflow.storage import parse_jsonl_line
 
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -114,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
 
     backend, model, opts = engine_options(args, settings)
     concurrency = args.concurrency or settings.concurrency
-    from scalecap.images import ImageLimits
+    from scalecap.images.load import ImageLimits
     from scalecap.runtime import default_loop
 
     limits = ImageLimits.from_settings(
@@ -128,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
         config = config.replace(llm_api_key=settings.llm_api_key)
     loop = default_loop()
     try:
-        from scalecap.engine_setup import build_chain
+        from scalecap.backends.setup import build_chain
 
         chain = loop.run(build_chain(backend, model, config, concurrency=concurrency,
                                      image_limits=limits, **opts))

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable
 
 from scalecap.backends.base import Backend, GenerateRequest
-from scalecap.dataflow_compat import ServingBase
+from scalecap.dataflow.compat import ServingBase
 from scalecap.runtime import BackgroundLoop
 
 

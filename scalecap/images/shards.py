@@ -187,14 +187,14 @@ def _check_bucket(bucket: str, limits: Any, desc: str) -> None:
 
 
 def _s3_client(limits: Any) -> Any:
-    from scalecap import images
+    from scalecap.images import load as images
 
     factory = getattr(limits, "s3_client_factory", None)
     return factory() if factory else images._default_s3_client()
 
 
 def _local_path(path: str, limits: Any, desc: str) -> str:
-    from scalecap import images
+    from scalecap.images import load as images
 
     roots = getattr(limits, "allowed_roots", None)
     if roots is not None and not roots:
@@ -236,7 +236,7 @@ def read_range(where: str, span: Span, limits: Any, desc: str) -> bytes:
 def _s3_range(url: str, span: Span, limits: Any, desc: str) -> bytes:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from scalecap import images
+    from scalecap.images import load as images
 
     bucket, _, key = url[5:].partition("/")
     _check_bucket(bucket, limits, desc)
@@ -357,7 +357,7 @@ def _read_cell(p: RowRef, limits: Any, desc: str) -> bytes:
         raise ImageNotFound(f"{desc}: no such file") from exc
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for damaged data
         if isinstance(getattr(exc, "response", None), dict):  # botocore ClientError
-            from scalecap import images
+            from scalecap.images import load as images
 
             raise images._s3_error(exc, desc) from exc
         raise TruncatedImage(f"{desc}: cannot read this row: {type(exc).__name__}: {exc}") from exc

@@ -1,7 +1,7 @@
 """The queue protocol shared by producers and workers (docs/protocol.md).
 
 Names (tasks, queues), the Redis key layout, the JSON task message (a chunk of K images), and
-`BatchStore`, whose every state change runs as one Lua script from scalecap/protocol/*.lua (one
+`BatchStore`, whose every state change runs as one Lua script from scalecap/fleet/lua/*.lua (one
 file per transition, loaded once per client). Counters move in the same script as the job
 states they count, so they never drift; the script that finishes a batch also writes its
 batch.completed event to the outbox, so the event cannot be lost between two steps. No Celery
@@ -227,8 +227,8 @@ SCRIPTS = ("create_batch", "register_jobs", "claim_chunk", "finish_chunk", "clos
 
 
 def script_source(name: str) -> str:
-    """One transition's Lua: scalecap/protocol/lib.lua followed by `name`.lua."""
-    pkg = resources.files("scalecap.protocol")
+    """One transition's Lua: scalecap/fleet/lua/lib.lua followed by `name`.lua."""
+    pkg = resources.files("scalecap.fleet.lua")
     return pkg.joinpath("lib.lua").read_text() + "\n" + pkg.joinpath(f"{name}.lua").read_text()
 
 
@@ -500,7 +500,7 @@ class BatchStore:
 
     def purge(self, batch_id: str, *, result_client: Any = None) -> bool:
         """Delete every key of a batch and its index entries (and its Redis-sink records)."""
-        from scalecap.sinks import REDIS_PREFIX
+        from scalecap.fleet.sinks import REDIS_PREFIX
 
         owner = _decode(self.r.hget(OWNERS_KEY, batch_id) or b"") or _decode(
             self.r.hget(batch_key(batch_id), "owner") or b"")

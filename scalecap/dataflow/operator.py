@@ -19,15 +19,15 @@ from typing import Any, Literal
 
 from scalecap.backends.base import Backend
 from scalecap.backends.dataflow_serving import CONTRASTIVE_UNSUPPORTED, DataFlowServingBackend
+from scalecap.backends.setup import build_chain
 from scalecap.chain import ChainItem, ScaleCapChain
 from scalecap.config import ImageScaleCaptionGenerateConfig
-from scalecap.dataflow_compat import OperatorBase, is_dataflow_serving, register_operator
-from scalecap.engine_setup import build_chain
+from scalecap.dataflow.compat import OperatorBase, is_dataflow_serving, register_operator
+from scalecap.dataflow.serving import BackendServing, serving_for
+from scalecap.dataflow.storage import read_rows
 from scalecap.errors import ConfigError
 from scalecap.record import base_meta, error_record
 from scalecap.runtime import BackgroundLoop, default_loop
-from scalecap.serving_handle import BackendServing, serving_for
-from scalecap.storage import read_rows
 
 RecordFormat = Literal["dict", "json"]
 

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from scalecap.dataflow_compat import StorageBase
+from scalecap.dataflow.compat import StorageBase
 
 CacheType = Literal["json", "jsonl", "csv", "parquet"]
 CACHE_TYPES = ("json", "jsonl", "csv", "parquet")

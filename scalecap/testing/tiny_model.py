@@ -3,7 +3,7 @@
 The weights are random, so the text is gibberish; what is real is the architecture, the tokenizer
 machinery, the chat template, the image processor and the number of image tokens. Tests assert on
 structure (counts, shapes, logprob presence), never on content. Usage:
-`python -m scalecap.tiny_model OUT_DIR`.
+`python -m scalecap.testing.tiny_model OUT_DIR`.
 """
 
 from __future__ import annotations

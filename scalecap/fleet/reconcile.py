@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from scalecap.queue_protocol import (
+from scalecap.fleet.protocol import (
     EVENT_JOB_COMPLETED,
     IO_JOBS_QUEUE,
     IO_QUEUE,

@@ -103,7 +103,7 @@ class KeyStore:
         self, name: str, *, scopes: Any = ("submit", "read"), max_queued: int | None = None
     ) -> tuple[str, ApiKey, str]:
         """A new key: (raw key, shown once and never stored; its record; its webhook secret)."""
-        from scalecap.webhooks import generate_secret
+        from scalecap.fleet.signatures import generate_secret
 
         name = name.strip()
         if not name or len(name) > 200:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from scalecap.queue_protocol import (
+from scalecap.fleet.protocol import (
     IO_QUEUE,
     TASK_CAPTION,
     TASK_WEBHOOK,
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, *, name: str = "scalecap") -> C
     from celery import Celery
 
     settings = settings or Settings.from_env()
-    from scalecap.redis_conn import broker_use_ssl, celery_broker_url
+    from scalecap.fleet.redis import broker_use_ssl, celery_broker_url
 
     app = Celery(name, broker=celery_broker_url(settings.broker_url), set_as_current=False)
     app.conf.update(

@@ -173,7 +173,7 @@ def image_ref_kind(ref: Any) -> SourceKind:
         return "s3"
     if head.startswith("file://"):
         return "file"
-    if head.startswith(("wds+", "pq+")):  # one member/row of a shard: scalecap/shard_refs.py
+    if head.startswith(("wds+", "pq+")):  # one member/row of a shard: scalecap/images/shards.py
         return "shard"
     if _URI.match(ref):
         return "unsupported"
@@ -194,7 +194,7 @@ def describe_source(source: Any) -> str:
     if kind == "data":
         return f"{_shorten(source.split(',', 1)[0], 60)},… ({len(source)} chars)"
     if kind == "shard":
-        from scalecap.shard_refs import describe
+        from scalecap.images.shards import describe
 
         return describe(source)
     if kind in ("http", "s3", "unsupported"):
@@ -247,7 +247,7 @@ def load_image(source: Any, *, limits: ImageLimits | None = None) -> Image.Image
     elif kind == "data":
         data = _decode_data_uri(source, limits, desc)
     elif kind == "shard":
-        from scalecap.shard_refs import read_shard_ref
+        from scalecap.images.shards import read_shard_ref
 
         data_or_ref = read_shard_ref(source, limits, desc)  # a URL column's row names its image
         if isinstance(data_or_ref, str):

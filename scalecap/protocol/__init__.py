@@ -1,1 +1,0 @@
-"""The queue protocol's Lua transitions, one file per script (loaded by scalecap.queue_protocol)."""
