@@ -32,7 +32,7 @@ POISON_COLOUR = "black"
 """Images of this colour hang the scripted engine past the job timeout on every attempt: they
 are poisoned on purpose and must end dead-lettered, and only they may."""
 
-JOB_TIMEOUT = 4.0
+JOB_TIMEOUT = 5.0
 LEASE_SECONDS = 1.5 * JOB_TIMEOUT + 2.0
 """workers/jobs.py lease_seconds: how long a SIGSTOP must last to outlive a claim."""
 
@@ -176,7 +176,7 @@ class ChaosFleet:
 
     def worker(self, name: str, *, skew: str | None = None, io: bool = False) -> Worker:
         args = ["--io"] if io else ["--backend", ENGINE, "--model", MODEL, "--concurrency", "4",
-                                    "--backend-option", "delay=0.02",
+                                    "--backend-option", "delay=0.01",
                                     "--backend-option", f"slow_colour={POISON_COLOUR}",
                                     "--backend-option", "slow_seconds=3600"]
         return Worker(name, args, self.env(via_proxy=True), self.logs / f"{name}.log", skew=skew)

@@ -84,8 +84,12 @@ class Workload:
     def plan(self) -> BatchRun:
         rng, n = self.rng, self._n
         self._n += 1
-        via = rng.choice(("cli", "http"))
-        action = rng.choices(("plain", "resubmit", "cancel"), weights=(5, 3, 2))[0]
+        # The first batches cover both producers and every action; then the seed decides.
+        via = ("cli", "http")[n] if n < 2 else rng.choice(("cli", "http"))
+        if n < 3:
+            action = ("resubmit", "cancel", "plain")[n]
+        else:
+            action = rng.choices(("plain", "resubmit", "cancel"), weights=(5, 3, 2))[0]
         earlier = [b for b in self.batches if not b.poisoned and b.action != "cancel"]
         if earlier and rng.random() < 0.15:  # the same work again: records are reused
             src = rng.choice(earlier)
