@@ -96,7 +96,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if not faketime_available():
         say("faketime not found (apt-get install -y faketime): clock skew faults left out")
     drawn = len({f.kind for f in schedule})
-    say(f"seed {args.seed}: {len(schedule)} faults of {drawn} kinds over {phase:.0f} s")
+    say(f"seed {args.seed}: {len(schedule)} faults of {drawn} kinds over {phase:.0f} s: "
+        + ", ".join(f"{f.at:.0f}s {f.kind}" for f in schedule))
     tmp = Path(tempfile.mkdtemp(prefix=f"scalecap-chaos-{args.seed}-"))
     fleet = ChaosFleet(tmp, workers=args.workers, seed=args.seed, log=say)
     result: dict[str, Any] = {}
@@ -166,5 +167,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cli_args(parser)
-    res = main(parser.parse_args())
+    try:
+        res = main(parser.parse_args())
+    except RuntimeError as exc:  # a service that would not start: its log tail says why
+        print(f"bench.chaos: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(0 if res["violations"] == 0 else 1)
