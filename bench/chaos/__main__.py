@@ -128,6 +128,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             checks = invariants.check_all(
                 r, fleet.s3_client(), workload.batches, fleet.receiver.snapshot(),  # type: ignore[union-attr]
                 workload.poisoned, "scalecap.gpu.chaos", lambda: time.sleep(3.0))
+            stale = sum(int(r.hget(f"scalecap:batch:{b}", "stale_results") or 0) for b in batch_ids)
         finally:
             r.close()
         result = {
@@ -143,6 +144,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "fault_log": nemesis.log,
             "proxy": dict(fleet.proxy.stats.__dict__),
             "workload": workload.summary(),
+            "stale_results": stale,
             "quiet": quiet,
             "quiet_state": state,
             "settle_seconds": waited,

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bench.chaos.fleet import LEASE_SECONDS, ChaosFleet, faketime_available
@@ -179,7 +179,8 @@ class Nemesis:
             lock.release()
 
     def _worker_pause(self, f: Fault) -> bool:
-        got = self._free_worker(f)
+        busy = self.fleet.busiest_worker()  # drawn target unless a worker is captioning right now
+        got = self._free_worker(f if busy is None else replace(f, target=busy))
         if got is None:
             return False
         i, lock = got

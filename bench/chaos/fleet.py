@@ -139,6 +139,7 @@ class ChaosFleet:
         self.say = log
         self.logs = tmp / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.vlm_log = self.logs / "vlm-calls.log"
         (tmp / "redis").mkdir(exist_ok=True)
         self.redis = RedisServer(tmp / "redis", persistent=True)
         # As production: the AOF is fsynced once a second, so a kill -9 may lose up to a second.
@@ -167,7 +168,18 @@ class ChaosFleet:
             "SCALECAP_BROKER_URL": url,
             "SCALECAP_ALLOWED_ROOTS": str(self.tmp),
             "SCALECAP_WEBHOOK_SECRET": self.fleet_secret,
+            "SCALECAP_TEST_VLM_LOG": str(self.vlm_log),  # "pid colour" per image captioned
         }
+
+    def busiest_worker(self) -> int | None:
+        """The worker that captioned an image last (a pause then hits a run in flight)."""
+        from tests.fleet_vlms import read_log
+
+        pids = {w.proc.pid: i for i, w in enumerate(self.workers) if w.proc is not None and w.alive}
+        for pid, _ in reversed(read_log(self.vlm_log)[-200:]):
+            if pid in pids:
+                return pids[pid]
+        return None
 
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """`scalecap ARGS` as an operator runs it (straight to Redis)."""

@@ -26,6 +26,9 @@ def print_report(result: dict[str, Any]) -> None:
          f"{result['workload']['images']} ({result['workload']['poisoned']})"),
         ("Submits ok / failed and retried",
          f"{result['workload']['submits_ok']} / {result['workload']['submits_failed']}"),
+        ("Stale results discarded (runs that lost)", result["stale_results"]),
+        ("Redis replies dropped / connections cut",
+         f"{result['proxy']['dropped_replies']} / {result['proxy']['dropped_connections']}"),
         ("Quiet after the faults (s)", result["settle_seconds"]),
     ]
     print_table(f"ScaleCap nemesis, seed {result['seed']}", rows)
