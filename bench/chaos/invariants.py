@@ -9,6 +9,7 @@ with the objects in the bucket, events with what the receiver accepted.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -66,44 +67,9 @@ def job_states(r: Any, batch_id: str) -> dict[str, dict[str, Any]]:
     return {_s(k): json.loads(v) for k, v in r.hgetall(job_states_key(batch_id)).items()}
 
 
-def message_jobs(raw: Any) -> list[str]:
-    """Job ids in one kombu message (a lane's list entry, or an unacked entry's message)."""
-    try:
-        msg = json.loads(raw)
-        if isinstance(msg, list):  # unacked: [message, exchange, routing key]
-            msg = msg[0]
-        body = msg["body"]
-        if msg.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        return [str(j) for j, _ in args[0]["jobs"]]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return []
-
-
-def reachable_jobs(r: Any) -> set[tuple[str, str]]:
-    """(batch id, job id) of every job that something will bring to a worker: a message in a
-    lane, an unacked message, a live lease or an unpublished note."""
-    out: set[tuple[str, str]] = set()
-    for key in r.scan_iter(match="scalecap.gpu.*", count=1000):
-        if r.type(key) == b"list":
-            for raw in r.lrange(key, 0, -1):
-                out.update((_batch_of(raw), j) for j in message_jobs(raw))
-    for raw in r.hvals("unacked"):
-        batch = _batch_of(raw)
-        out.update((batch, j) for j in message_jobs(raw))
-    sec, usec = r.time()
-    now = sec + usec / 1e6
-    for member in r.zrangebyscore(LEASES_KEY, now, "+inf"):
-        d = json.loads(member)
-        out.update((d["b"], j if isinstance(j, str) else j[0]) for j in d.get("jobs") or [])
-    for member in r.zrange(UNPUBLISHED_KEY, 0, -1):
-        d = json.loads(member)
-        out.update((d["b"], j[0] if isinstance(j, list) else j) for j in d.get("jobs") or [])
-    return out
-
-
-def _batch_of(raw: Any) -> str:
+def _message(raw: Any) -> tuple[str, list[str], str | None]:
+    """(batch id, job ids, ETA header) of one kombu message: a lane's list entry, or an unacked
+    entry ([message, exchange, routing key]). Unreadable: ("", [], None)."""
     try:
         msg = json.loads(raw)
         if isinstance(msg, list):
@@ -111,9 +77,44 @@ def _batch_of(raw: Any) -> str:
         body = msg["body"]
         if msg.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        return str(json.loads(body)[0][0]["batch_id"])
+        job = json.loads(body)[0][0]
+        return str(job["batch_id"]), [str(j) for j, _ in job["jobs"]], (msg.get("headers") or {}).get("eta")
     except (ValueError, KeyError, IndexError, TypeError):
-        return ""
+        return "", [], None
+
+
+def locate_jobs(r: Any) -> dict[tuple[str, str], list[str]]:
+    """Where each job is that something will bring to a worker: a message in a lane, an unacked
+    message (with how far ahead its ETA is), a live lease or an unpublished note."""
+    from datetime import datetime
+
+    out: dict[tuple[str, str], list[str]] = defaultdict(list)
+    sec, usec = r.time()
+    now = sec + usec / 1e6
+    for key in r.scan_iter(match="scalecap.gpu.*", count=1000):
+        if r.type(key) == b"list":
+            for raw in r.lrange(key, 0, -1):
+                b, jobs, _ = _message(raw)
+                for j in jobs:
+                    out[(b, j)].append(f"message in {_s(key)}")
+    for raw in r.hvals("unacked"):
+        b, jobs, eta = _message(raw)
+        where = "unacked message"
+        if eta:
+            with contextlib.suppress(ValueError):
+                ahead = datetime.fromisoformat(eta).timestamp() - now
+                where += f" (ETA {ahead:+.0f} s)"
+        for j in jobs:
+            out[(b, j)].append(where)
+    for member in r.zrangebyscore(LEASES_KEY, now, "+inf", withscores=True):
+        d = json.loads(member[0])
+        for j in d.get("jobs") or []:
+            out[(d["b"], j if isinstance(j, str) else j[0])].append(f"lease (+{member[1] - now:.0f} s)")
+    for member in r.zrange(UNPUBLISHED_KEY, 0, -1):
+        d = json.loads(member)
+        for j in d.get("jobs") or []:
+            out[(d["b"], j[0] if isinstance(j, list) else j)].append("unpublished note")
+    return out
 
 
 def in_flight(r: Any, batch_ids: list[str]) -> int:
@@ -153,7 +154,7 @@ def check_all(r: Any, s3: Any, runs: list[Any], deliveries: list[Any], poisoned:
               for run, h in zip(runs, got[1::2], strict=True)}
     dead_list = [json.loads(x) for x in dead]
     return [
-        one_final_state(runs, states, batches),
+        one_final_state(runs, states, batches, locate_jobs(r)),
         credited_record(s3, states),
         reachable(r, states, second_look),
         events(states, batches, deliveries),
@@ -163,8 +164,8 @@ def check_all(r: Any, s3: Any, runs: list[Any], deliveries: list[Any], poisoned:
     ]
 
 
-def one_final_state(runs: list[Any], states: dict[str, dict[str, Any]], batches: dict[str, dict[str, str]]
-                    ) -> Check:
+def one_final_state(runs: list[Any], states: dict[str, dict[str, Any]], batches: dict[str, dict[str, str]],
+                    where: dict[tuple[str, str], list[str]]) -> Check:
     c = Check("one_final_state")
     for run in runs:
         b, jobs = run.batch_id, states[run.batch_id]
@@ -180,8 +181,9 @@ def one_final_state(runs: list[Any], states: dict[str, dict[str, Any]], batches:
                 c.violations.append(f"{b}: image {ref} has {refs[ref]} jobs")
         for j, job in jobs.items():
             if job.get("s") not in FINAL_STATES:
+                at = ", ".join(where.get((b, j), [])) or "nowhere"
                 c.violations.append(f"{b}/{j}: still {job.get('s')} (image {job.get('r')}, "
-                                    f"runs {job.get('n')})")
+                                    f"runs {job.get('n')}; {at})")
             if job.get("r") not in run.asked:
                 c.violations.append(f"{b}/{j}: image {job.get('r')} was never submitted to this batch")
     return c
@@ -248,11 +250,11 @@ def reachable(r: Any, states: dict[str, dict[str, Any]], second_look: Any) -> Ch
     c.checked = len(open_jobs)
     if not open_jobs:
         return c
-    lost = open_jobs - reachable_jobs(r)
+    lost = open_jobs - set(locate_jobs(r))
     if lost:
         second_look()  # a message between a pop and its unacked entry is not lost: look again
         lost &= {(b, j) for b, j in lost
-                 if (job_states(r, b).get(j) or {}).get("s") not in FINAL_STATES} - reachable_jobs(r)
+                 if (job_states(r, b).get(j) or {}).get("s") not in FINAL_STATES} - set(locate_jobs(r))
     for b, j in sorted(lost):
         job = states[b][j]
         c.violations.append(f"{b}/{j}: {job.get('s')} (quarantined {bool(job.get('q'))}) with no message, "
