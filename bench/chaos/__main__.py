@@ -82,6 +82,22 @@ def settle(fleet: ChaosFleet, batch_ids: list[str], seconds: float, say: Any) ->
         r.close()
 
 
+def progress(fleet: ChaosFleet, workload: Workload, stop: threading.Event, say: Any,
+             every: float = 15.0) -> None:
+    """A line every `every` seconds: how far the batches are (Redis may be down just then)."""
+    r = fleet.redis_client()
+    while not stop.wait(every):
+        try:
+            states = [j.get("s") for b in list(workload.batches)
+                      for j in invariants.job_states(r, b.batch_id).values()]
+            n = {s: states.count(s) for s in ("done", "failed", "cancelled", "queued", "running")}
+            say(f"progress: {len(workload.batches)} batches, {len(states)} jobs: " +
+                ", ".join(f"{v} {k}" for k, v in n.items()))
+        except Exception as exc:
+            say(f"progress: Redis unreachable ({type(exc).__name__})")
+    r.close()
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.workers < 3:
         raise SystemExit("--workers must be at least 3")
@@ -109,6 +125,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         runner = threading.Thread(target=nemesis.run, args=(stop,), name="nemesis", daemon=True)
         t_start = time.monotonic()
         runner.start()
+        threading.Thread(target=progress, args=(fleet, workload, stop, say), daemon=True).start()
         while time.monotonic() - t_start < 0.85 * phase:  # the last batches still meet faults
             workload.launch()
             time.sleep(args.batch_every * rng.uniform(0.5, 1.5))
