@@ -143,7 +143,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         r = fleet.redis_client()
         try:
             checks = invariants.check_all(
-                r, fleet.s3_client(), workload.batches, fleet.receiver.snapshot(),  # type: ignore[union-attr]
+                r, fleet.s3_client(), workload.batches,
+                {b.batch_id: workload.durable(b, nemesis.redis_kills) for b in workload.batches},
+                fleet.receiver.snapshot(),  # type: ignore[union-attr]
                 workload.poisoned, "scalecap.gpu.chaos", lambda: time.sleep(3.0))
             stale = sum(int(r.hget(f"scalecap:batch:{b}", "stale_results") or 0) for b in batch_ids)
         finally:

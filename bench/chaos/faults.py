@@ -109,6 +109,8 @@ class Nemesis:
     skipped: Counter[str] = field(default_factory=Counter)
     log: list[dict[str, Any]] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
+    redis_kills: list[float] = field(default_factory=list)
+    """monotonic() of each kill -9 of Redis (acknowledged writes just before it may be lost)."""
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -215,6 +217,7 @@ class Nemesis:
             if r.proc is None:
                 return False
             r.proc.kill()
+            self.redis_kills.append(time.monotonic())
             r.proc.wait(10)
             self.note(f.kind, f"kill -9 redis-server; restart from its AOF in {f.seconds:.1f} s")
             time.sleep(f.seconds)

@@ -46,6 +46,8 @@ def print_report(result: dict[str, Any]) -> None:
             extra.append(f"  {c['invariant'][:30]}: {line}"[:300])
         if c["violations"] > DETAILS_SHOWN:
             extra.append(f"  ... {c['violations'] - DETAILS_SHOWN} more ({c['invariant']})")
+        for line in c.get("notes", [])[:DETAILS_SHOWN]:
+            extra.append(f"  note: {line}"[:300])
     if not result["quiet"]:
         extra.append(f"not quiet after {result['settle_seconds']} s: {result['quiet_state']}")
     print_table("Invariants at quiescence", inv_rows, extra=extra)
