@@ -190,7 +190,8 @@ class Workload:
             return False, f"{type(exc).__name__}: {exc}"
         if r.status_code in (200, 202):
             return True, ""
-        final = 400 <= r.status_code < 500 and r.status_code not in (408, 409, 429)
+        # 400 is retried too: an S3 outage answers 400 bad-sink ("cannot be reached").
+        final = r.status_code in (401, 403, 409, 413, 415, 422)
         return False, ("final: " if final else "") + f"HTTP {r.status_code}: {r.text[:200]}"
 
     def _cancel(self, run: BatchRun, delay: float) -> None:
