@@ -299,11 +299,16 @@ class Nemesis:
         env = {**self.fleet.env(), "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
         ok = 0
         for k in range(int(f.level)):
-            r = subprocess.run(["faketime", "-f", SKEW, sys.executable, "-m", "producer.cli", "reconcile"],
-                               env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+            t = time.monotonic()
+            try:
+                argv = ["faketime", "-f", SKEW, sys.executable, "-m", "producer.cli", "reconcile"]
+                r = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=45)
+            except subprocess.TimeoutExpired:
+                self.note(f.kind, f"`scalecap reconcile` {SKEW} ahead: still running after 45 s, stopped")
+                continue
             ok += r.returncode == 0
-            self.note(f.kind, f"`scalecap reconcile` {SKEW} ahead: exit {r.returncode} "
-                              f"{(r.stdout.strip() or r.stderr.strip()[-200:])}")
+            self.note(f.kind, f"`scalecap reconcile` {SKEW} ahead ({time.monotonic() - t:.0f} s): exit "
+                              f"{r.returncode} {(r.stdout.strip() or r.stderr.strip()[-200:])}")
             if k + 1 < int(f.level):
                 time.sleep(f.seconds / f.level)
         return ok > 0
