@@ -125,3 +125,31 @@ def test_event_check_wants_one_id_per_completion_accepted_at_least_once():
     assert "never accepted" in events(states, batch, never).violations[0]
     forged = [*good, d("e1", "job.completed", "j1", verified=False)]
     assert "failed signature verification" in events(states, batch, forged).violations[0]
+
+
+@pytest.mark.services
+def test_record_check_finds_another_runs_record_and_a_late_rewrite(s3_server, s3_bucket):
+    """Against a real S3: the record at a job's location must be the credited run's (the token
+    in a fenced record's name, or the job's) and unchanged since the job was final."""
+    import time as _time
+
+    from bench.chaos.invariants import credited_record
+
+    s3 = s3_server.client()
+
+    def put(key: str, attempt: str, image: str = "x.png") -> str:
+        body = json.dumps({"image": image, "scalecap_record": {"meta": {"job_id": "j1", "attempt": attempt}}})
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=body.encode())
+        return f"s3://{s3_bucket}/{key}"
+
+    now = _time.time()
+    good = put("o/b1/j1.tokA.json", "tokA")
+    assert credited_record(s3, {"b1": {"j1": {"s": "done", "r": "x.png", "l": good, "u": now + 5}}}).ok
+    other = put("o/b1/j1.tokB.json", "tokA")  # the batch credits tokB; the object is tokA's
+    bad = credited_record(s3, {"b1": {"j1": {"s": "done", "r": "x.png", "l": other, "u": now + 5}}})
+    assert "written by run tokA, the batch credits run tokB" in bad.violations[0]
+    late = credited_record(s3, {"b1": {"j1": {"s": "done", "r": "x.png", "l": good, "u": now - 60}}})
+    assert "after the job was final" in late.violations[0]
+    wrong = put("o/b1/j1.json", "", image="y.png")
+    assert "is of image y.png" in credited_record(
+        s3, {"b1": {"j1": {"s": "done", "r": "x.png", "l": wrong, "u": now + 5}}}).violations[0]

@@ -245,8 +245,8 @@ def credited_record(s3: Any, states: dict[str, dict[str, Any]]) -> Check:
                                     f"not {job.get('r')}")
             if meta.get("job_id") not in (None, j):
                 c.violations.append(f"{b}/{j}: record at {loc} names job {meta.get('job_id')}")
-            credited, wrote = _token(job), _token(meta)
-            if credited and wrote and credited != wrote and not _reused(meta, b):
+            credited, wrote = _token(job) or _location_token(key, j), _token(meta)
+            if credited and wrote and credited != wrote:
                 c.violations.append(f"{b}/{j}: record at {loc} was written by run {wrote}, the batch "
                                     f"credits run {credited}")
             final_at = float(job.get("u") or 0)
@@ -257,11 +257,10 @@ def credited_record(s3: Any, states: dict[str, dict[str, Any]]) -> Check:
     return c
 
 
-def _reused(meta: dict[str, Any], batch_id: str) -> bool:
-    """A record copied from an earlier batch names that batch's run, not this one's."""
-    run = meta.get("run") if isinstance(meta.get("run"), dict) else meta
-    b = run.get("batch_id") or run.get("batch")
-    return bool(b) and b != batch_id
+def _location_token(key: str, job_id: str) -> str | None:
+    """The attempt token in a fenced record's name (`{job}.{token}.json`), if it has one."""
+    name = key.rsplit("/", 1)[-1].removesuffix(".json")
+    return (name[len(job_id) + 1:] or None) if name.startswith(job_id + ".") else None
 
 
 def reachable(r: Any, states: dict[str, dict[str, Any]], second_look: Any) -> Check:
