@@ -253,7 +253,7 @@ def run_chain_alone(refs: list[str], roots: list[str], concurrency: int) -> floa
 
     from scalecap.chain import ChainItem, ScaleCapChain
     from scalecap.config import ImageScaleCaptionGenerateConfig
-    from scalecap.images.load import ImageLimits
+    from scalecap.images import ImageLimits
     from tests.scripted_vlm import ScriptedVLM
 
     config = ImageScaleCaptionGenerateConfig()

@@ -23,14 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scalecap.images.shards import (
-    SIDECAR_EXTENSIONS,
-    MemberRef,
-    RowRef,
-    Span,
-    import_pyarrow_parquet,
-    open_parquet,
-)
+from scalecap.images.refs import SIDECAR_EXTENSIONS, MemberRef, RowRef, Span
+from scalecap.images.shards import import_pyarrow_parquet, open_parquet
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS = (".jsonl", ".ndjson", ".json", ".jsonl.txt")

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from scalecap.errors import ImageTooLarge
-from scalecap.images.load import ImageLimits, decode_gate, load_image
+from scalecap.images import ImageLimits, decode_gate, load_image
 from tests.image_corpus import huge_png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_decodes_wait_for_a_free_slot_of_the_gate():
 
 def _peak_rss_kib(code: str) -> tuple[int, str]:
     """Run `code` in a fresh interpreter; (its peak RSS growth in KiB over the import baseline, stdout)."""
-    script = "import resource, sys\nfrom scalecap.images.load import ImageLimits, load_image\n" + (
+    script = "import resource, sys\nfrom scalecap.images import ImageLimits, load_image\n" + (
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         + textwrap.dedent(code)
         + "\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n"

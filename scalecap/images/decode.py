@@ -1,262 +1,36 @@
-"""Image loading: any image reference becomes an RGB PIL image within bounds, or a typed error.
+"""Decoding within bounds: encoded bytes or a PIL image become an RGB image of a bounded size.
 
-Workers read references from manifests written by someone else, so loading is also a guard:
-byte caps while reading, a pixel cap read from the header before any decoding (a 50 KB PNG can
-claim 20000x20000 pixels), a bound on decodes at once (one worker runs ~64 jobs; a few big decodes
-together must not kill them all), local paths confined to allowed roots after resolving symlinks,
-http(s) fetches that refuse loopback, private and link-local addresses at connect time, on every
-redirect hop, and cloud metadata addresses always (scalecap.netguard), and s3:// buckets confined
-to an allow-list. Transient fetch failures (5xx, timeouts, S3 throttling) are retried with backoff
-before they count. Every error names the source, so a failed record says which image and why.
-Pillow's global settings are read, never changed: this runs in many threads at once.
+A pixel cap is read from the header before any decoding (a 50 KB PNG can claim 20000x20000
+pixels), a process-wide gate bounds decodes at once (one worker runs ~64 jobs; a few big decodes
+together must not kill them all), deep (16-bit, float) images are reduced a strip at a time, and
+the result is scaled into [min_pixels, max_pixels]. Pillow's global settings are read, never
+changed: this runs in many threads at once.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import logging
 import math
-import os
-import random
-import re
-import stat
 import struct
 import threading
-import time
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
-from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from scalecap.errors import (
-    ConfigError,
-    EmptyImage,
-    ImageAccessDenied,
-    ImageError,
-    ImageFetchError,
-    ImageNotFound,
-    ImageTooLarge,
-    NotAnImage,
-    TruncatedImage,
-)
-from scalecap.netguard import (
-    AddressPolicy,
-    AddressRefused,
-    bucket_refusal,
-    forbidden_reason,
-    guarded_transport,
-    parse_networks,
-)
+from scalecap.errors import EmptyImage, ImageTooLarge, NotAnImage, TruncatedImage
+from scalecap.images.limits import ImageLimits
+from scalecap.images.refs import describe_source
 
-__all__ = [
-    "ImageLimits",
-    "describe_source",
-    "encode_data_url",
-    "image_ref_kind",
-    "load_image",
-]
+__all__ = ["decode_bytes", "decode_gate", "encode_data_url", "normalize_image", "warn_truncated_once"]
 
 log = logging.getLogger(__name__)
 
-MAX_REDIRECTS = 5
-_CHUNK = 1 << 16
-_USER_AGENT = "scalecap-fleet image loader"
 # Decoder failures that mean "the data stops early or is damaged" rather than "not an image".
 _DECODE_ERRORS = (OSError, EOFError, SyntaxError, ValueError, IndexError, struct.error, zlib.error)
-
-SourceKind = Literal["image", "bytes", "path", "file", "http", "s3", "data", "shard", "unsupported"]
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-@dataclass
-class ImageLimits:
-    """What one load may cost and reach. Defaults suit a worker reading untrusted manifests."""
-
-    max_bytes: int = 64 * 1024 * 1024
-    """Encoded bytes read from any source; reading stops at the first byte over."""
-    max_decode_pixels: int = 40_000_000
-    """Width x height from the header, checked before decoding: 40 Mpx is a 120 MB RGB bitmap.
-    Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS, 179 Mpx) still applies above that."""
-    max_concurrent_decodes: int = 4
-    """Decodes at once in this process (all ImageLimits with this value share one gate);
-    fetching does not hold a slot."""
-    min_pixels: int = 3136
-    """Smaller images are upscaled to about this many pixels, keeping the aspect ratio."""
-    max_pixels: int = 1003520
-    """Larger images are downscaled to at most this many pixels, keeping the aspect ratio."""
-    allowed_roots: Sequence[str | os.PathLike[str]] | None = None
-    """Local directories: None allows any local path, [] none; symlinks are resolved first."""
-    allow_private_urls: bool = False
-    """Fetch http(s) from loopback, private, link-local, reserved or multicast addresses."""
-    allowed_networks: Sequence[str] = ()
-    """CIDR ranges exempt from the private-address refusal (an internal image store), while the
-    rest stays refused. Cloud metadata addresses are refused even when listed here."""
-    allowed_buckets: Sequence[str] = ()
-    """s3:// buckets images may come from; empty allows any bucket the credentials reach."""
-    http_timeout: float = 30.0
-    """Seconds for one http(s) fetch try, redirects and body included."""
-    fetch_retries: int = 3
-    """Extra tries after a transient fetch failure (HTTP 5xx/408/429, timeout, reset, S3
-    SlowDown/throttling/5xx); 0 disables. Then the error is ImageFetchError."""
-    fetch_backoff: float = 0.5
-    """First backoff cap in seconds; doubles per retry (full jitter)."""
-    fetch_backoff_max: float = 8.0
-    """Longest wait between tries, Retry-After included."""
-    s3_client_factory: Callable[[], Any] | None = None
-    """Returns a boto3 S3 client; default: one from the SCALECAP_S3_* settings, cached."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_decode_pixels", "min_pixels", "max_pixels", "max_concurrent_decodes"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"ImageLimits.{name} must be >= 1")
-        if self.fetch_retries < 0 or self.fetch_backoff < 0 or self.fetch_backoff_max < 0:
-            raise ConfigError("ImageLimits.fetch_retries, fetch_backoff and fetch_backoff_max must be >= 0")
-        if self.max_pixels < self.min_pixels:
-            raise ConfigError("ImageLimits.max_pixels must be >= min_pixels")
-        if self.http_timeout <= 0:
-            raise ConfigError("ImageLimits.http_timeout must be > 0")
-        if isinstance(self.allowed_roots, (str, os.PathLike)):  # one root, not its characters
-            self.allowed_roots = [self.allowed_roots]
-        if isinstance(self.allowed_networks, str):
-            self.allowed_networks = [self.allowed_networks]
-        if isinstance(self.allowed_buckets, str):
-            self.allowed_buckets = [self.allowed_buckets]
-        _networks(self)
-
-    @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> ImageLimits:
-        """The limits a worker or `scalecap caption` applies, from a scalecap Settings object."""
-        values: dict[str, Any] = {
-            "max_bytes": settings.max_image_bytes,
-            "max_decode_pixels": settings.max_decode_pixels,
-            "max_concurrent_decodes": settings.max_concurrent_decodes,
-            "allowed_roots": list(settings.allowed_roots),
-            "allow_private_urls": settings.allow_private_urls,
-            "allowed_networks": list(settings.allowed_networks),
-            "allowed_buckets": list(settings.allowed_buckets),
-            "fetch_retries": settings.fetch_retries,
-            "fetch_backoff": settings.fetch_backoff,
-        }
-        values.update(overrides)
-        return cls(**values)
-
-
-def _networks(limits: ImageLimits) -> tuple[Any, ...]:
-    return parse_networks(limits.allowed_networks, "ImageLimits.allowed_networks")
-
-
-# -- references --------------------------------------------------------------------------------
-
-
-def image_ref_kind(ref: Any) -> SourceKind:
-    """Which loader a reference goes to (backends use it to pass URLs through untouched)."""
-    if isinstance(ref, Image.Image):
-        return "image"
-    if isinstance(ref, (bytes, bytearray, memoryview)):
-        return "bytes"
-    if isinstance(ref, os.PathLike):
-        return "path"
-    if not isinstance(ref, str):
-        return "unsupported"
-    head = ref[:10].lower()
-    if head.startswith("data:"):
-        return "data"
-    if head.startswith(("http://", "https://")):
-        return "http"
-    if head.startswith("s3://"):
-        return "s3"
-    if head.startswith("file://"):
-        return "file"
-    if head.startswith(("wds+", "pq+")):  # one member/row of a shard: scalecap/images/shards.py
-        return "shard"
-    if _URI.match(ref):
-        return "unsupported"
-    return "path"
-
-
-def describe_source(source: Any) -> str:
-    """A short, log-safe name for a source: no URL credentials, no query strings, no payloads."""
-    kind = image_ref_kind(source)
-    if kind == "image":
-        return f"<PIL image {source.mode} {source.size[0]}x{source.size[1]}>"
-    if kind == "bytes":
-        return f"<{memoryview(source).nbytes} bytes>"
-    if kind == "path":
-        return _shorten(os.fspath(source))
-    if not isinstance(source, str):
-        return f"<{type(source).__name__}>"
-    if kind == "data":
-        return f"{_shorten(source.split(',', 1)[0], 60)},… ({len(source)} chars)"
-    if kind == "shard":
-        from scalecap.images.shards import describe
-
-        return describe(source)
-    if kind in ("http", "s3", "unsupported"):
-        try:
-            parts = urlsplit(source)
-            host = parts.hostname or ""
-            if ":" in host:
-                host = f"[{host}]"
-            if parts.port is not None:
-                host += f":{parts.port}"
-        except ValueError:
-            return _shorten(source.split("?", 1)[0])
-        text = f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
-        return _shorten(text)
-    return _shorten(source)
-
-
-def _shorten(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# -- entry point -------------------------------------------------------------------------------
-
-
-def load_image(source: Any, *, limits: ImageLimits | None = None) -> Image.Image:
-    """Load `source` (PIL image, bytes, Path, or str: path, file://, http(s)://, s3://, data:).
-
-    Returns a new RGB image with EXIF orientation applied and its pixel count within
-    [min_pixels, max_pixels]. Raises an ImageError subclass naming the source.
-    """
-    limits = limits or ImageLimits()
-    desc = describe_source(source)
-    kind = image_ref_kind(source)
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        _warn_truncated_once()
-    if kind == "image":
-        with decode_gate(limits.max_concurrent_decodes):
-            im = _check_and_load(source, limits, desc, draft=False)  # draft would alter the caller's
-            return _finish(im, limits, desc, in_place=False)
-    hint = ""
-    if kind == "bytes":
-        data = bytes(source)
-    elif kind in ("path", "file"):
-        data = _read_local(source, limits, desc)
-    elif kind == "http":
-        data, ctype = _fetch_http(source, limits, desc)
-        hint = f"content-type {ctype}" if ctype else ""
-    elif kind == "s3":
-        data = _fetch_s3(source, limits, desc)
-    elif kind == "data":
-        data = _decode_data_uri(source, limits, desc)
-    elif kind == "shard":
-        from scalecap.images.shards import read_shard_ref
-
-        data_or_ref = read_shard_ref(source, limits, desc)  # a URL column's row names its image
-        if isinstance(data_or_ref, str):
-            return load_image(data_or_ref, limits=limits)
-        data = data_or_ref
-    else:
-        raise ImageError(f"{desc}: unsupported image reference ({type(source).__name__})")
-    with decode_gate(limits.max_concurrent_decodes):
-        return _decode(data, limits, desc, hint)
 
 
 def encode_data_url(img: Image.Image, fmt: str = "JPEG", *, quality: int = 95) -> str:
@@ -287,7 +61,8 @@ def decode_gate(size: int) -> threading.BoundedSemaphore:
 _warned = threading.Event()
 
 
-def _warn_truncated_once() -> None:
+def warn_truncated_once() -> None:
+    """Say once per process that another library made Pillow accept truncated images."""
     if not _warned.is_set():
         _warned.set()
         log.warning(
@@ -296,303 +71,17 @@ def _warn_truncated_once() -> None:
         )
 
 
-# -- sources -----------------------------------------------------------------------------------
-
-
-def _read_local(source: str | os.PathLike[str], limits: ImageLimits, desc: str) -> bytes:
-    if isinstance(source, str) and image_ref_kind(source) == "file":
-        parts = urlsplit(source)
-        if parts.netloc not in ("", "localhost"):
-            raise ImageError(f"{desc}: file:// URIs on another host are not supported")
-        path = unquote(parts.path)
-    else:
-        path = os.fspath(source)
-    if limits.allowed_roots is not None and not limits.allowed_roots:
-        raise ImageAccessDenied(f"{desc}: local files are not allowed (no allowed roots)")
-    real = os.path.realpath(path)
-    if limits.allowed_roots is not None and not _under_roots(real, limits.allowed_roots):
-        raise ImageAccessDenied(f"{desc}: local path is outside the allowed roots")
-    try:
-        st = os.stat(real)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotAnImage(f"{desc}: not a regular file")
-        if st.st_size > limits.max_bytes:
-            raise ImageTooLarge(f"{desc}: {st.st_size} bytes is over max_bytes={limits.max_bytes}")
-        with open(real, "rb") as fh:
-            # read(n) allocates n bytes up front: ask for what stat promised, not the cap.
-            want = min(st.st_size, limits.max_bytes) + 1
-            data = fh.read(want)
-            if len(data) == want:  # bigger than stat said (still growing, or a /proc file)
-                data += fh.read(limits.max_bytes + 1 - len(data))
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise ImageNotFound(f"{desc}: no such file") from exc
-    except PermissionError as exc:
-        raise ImageAccessDenied(f"{desc}: permission denied") from exc
-    except OSError as exc:
-        raise ImageError(f"{desc}: cannot read: {exc}") from exc
-    if len(data) > limits.max_bytes:
-        raise ImageTooLarge(f"{desc}: over max_bytes={limits.max_bytes}")
-    return data
-
-
-def _under_roots(real: str, roots: Sequence[str | os.PathLike[str]]) -> bool:
-    for root in roots:
-        r = os.path.realpath(root)
-        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
-            return True
-    return False
-
-
-def _decode_data_uri(uri: str, limits: ImageLimits, desc: str) -> bytes:
-    header, sep, payload = uri.partition(",")
-    if not sep:
-        raise NotAnImage(f"{desc}: malformed data URI (no comma)")
-    if not header.lower().endswith(";base64"):
-        data = unquote_to_bytes(payload)
-        if len(data) > limits.max_bytes:
-            raise ImageTooLarge(f"{desc}: {len(data)} bytes is over max_bytes={limits.max_bytes}")
-        return data
-    if "%" in payload:
-        payload = unquote(payload)
-    payload = "".join(payload.split())
-    if len(payload) // 4 * 3 > limits.max_bytes:
-        raise ImageTooLarge(
-            f"{desc}: about {len(payload) // 4 * 3} bytes is over max_bytes={limits.max_bytes}"
-        )
-    payload = payload.replace("-", "+").replace("_", "/")
-    payload += "=" * (-len(payload) % 4)
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise NotAnImage(f"{desc}: invalid base64 payload") from exc
-
-
-class _Transient(Exception):
-    """A fetch failure worth another try (5xx, 408/429, timeout, reset, S3 throttling)."""
-
-    def __init__(self, text: str, retry_after: float | None = None) -> None:
-        super().__init__(text)
-        self.retry_after = retry_after
-
-
-def _with_retries(fetch: Callable[[], Any], limits: ImageLimits, desc: str) -> Any:
-    """Run `fetch`, retrying transient failures with full-jitter exponential backoff.
-
-    At most `fetch_retries` retries, each wait at most `fetch_backoff_max` seconds (a server's
-    Retry-After is honoured up to that cap); then ImageFetchError names what kept failing.
-    """
-    tries = int(limits.fetch_retries) + 1
-    for attempt in range(1, tries + 1):
-        try:
-            return fetch()
-        except _Transient as exc:
-            if attempt >= tries:
-                raise ImageFetchError(f"{exc} (gave up after {attempt} attempt(s))") from exc
-            cap = min(limits.fetch_backoff_max, limits.fetch_backoff * 2 ** (attempt - 1))
-            delay = random.uniform(0, cap)
-            if exc.retry_after is not None:
-                delay = min(limits.fetch_backoff_max, exc.retry_after)
-            log.info("%s; retry %d of %d in %.2f s", exc, attempt, tries - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def _fetch_http(url: str, limits: ImageLimits, desc: str) -> tuple[bytes, str]:
-    """The body and its content type; transient failures retried (each try with its own timeout)."""
-    return _with_retries(lambda: _fetch_http_once(url, limits, desc), limits, desc)
-
-
-def _fetch_http_once(url: str, limits: ImageLimits, desc: str) -> tuple[bytes, str]:
-    """One try; redirects followed by hand so each hop is checked, every connect vetted."""
-    import httpx
-
-    deadline = time.monotonic() + limits.http_timeout
-    client = httpx.Client(
-        transport=guarded_transport(_policy(limits)),
-        timeout=limits.http_timeout,
-        follow_redirects=False,
-        trust_env=False,
-        # identity: images are compressed already, and a gzip bomb expands a chunk 1000-fold.
-        headers={
-            "User-Agent": _USER_AGENT,
-            "Accept": "image/*,*/*;q=0.5",
-            "Accept-Encoding": "identity",
-        },
-    )
-    current = url
-    with client:
-        for hop in range(MAX_REDIRECTS + 1):
-            where = desc if hop == 0 else f"{desc} (redirected to {describe_source(current)})"
-            if urlsplit(current).scheme.lower() not in ("http", "https"):
-                raise ImageAccessDenied(f"{where}: redirects only to http(s) are followed")
-            try:
-                with client.stream("GET", current) as resp:
-                    if resp.is_redirect:
-                        current = urljoin(current, resp.headers["location"])
-                        continue
-                    _check_status(resp, where)
-                    ctype = resp.headers.get("content-type", "")
-                    return _read_capped(resp, limits, where, deadline), ctype
-            except AddressRefused as exc:
-                raise ImageAccessDenied(f"{where}: {exc}") from exc
-            except httpx.TimeoutException as exc:
-                raise _Transient(f"{where}: timed out ({type(exc).__name__})") from exc
-            except httpx.TransportError as exc:  # connect refused/reset, broken response
-                raise _Transient(f"{where}: fetch failed: {type(exc).__name__}: {exc}") from exc
-            except httpx.HTTPError as exc:
-                raise ImageError(f"{where}: fetch failed: {type(exc).__name__}: {exc}") from exc
-    raise ImageError(f"{desc}: more than {MAX_REDIRECTS} redirects")
-
-
-_TRANSIENT_STATUSES = frozenset({408, 429})
-
-
-def _check_status(resp: Any, where: str) -> None:
-    status = resp.status_code
-    if status < 400:
-        return
-    text = f"{where}: HTTP {status} {resp.reason_phrase}".rstrip()
-    if status in (404, 410):
-        raise ImageNotFound(text)
-    if status in (401, 403):
-        raise ImageAccessDenied(text)
-    if status >= 500 or status in _TRANSIENT_STATUSES:
-        raise _Transient(text, _retry_after(resp.headers.get("retry-after")))
-    raise ImageError(text)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Delta-seconds only (an HTTP date is rare for images; the backoff applies then)."""
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
-
-
-def _read_capped(resp: Any, limits: ImageLimits, where: str, deadline: float) -> bytes:
-    declared = resp.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limits.max_bytes:
-        raise ImageTooLarge(f"{where}: Content-Length {declared} is over max_bytes={limits.max_bytes}")
-    buf = bytearray()
-    for chunk in resp.iter_bytes(_CHUNK):
-        buf += chunk
-        if len(buf) > limits.max_bytes:
-            raise ImageTooLarge(f"{where}: body is over max_bytes={limits.max_bytes}")
-        if time.monotonic() > deadline:
-            raise _Transient(f"{where}: timed out after {limits.http_timeout} s reading the body")
-    return bytes(buf)
-
-
-def _fetch_s3(uri: str, limits: ImageLimits, desc: str) -> bytes:
-    bucket, _, key = uri[5:].partition("/")
-    if not bucket or not key:
-        raise ImageError(f"{desc}: expected s3://bucket/key")
-    if bucket_refusal(uri, limits.allowed_buckets):
-        raise ImageAccessDenied(f"{desc}: bucket {bucket!r} is not in allowed_buckets")
-    client = limits.s3_client_factory() if limits.s3_client_factory else _default_s3_client()
-    return _with_retries(lambda: _fetch_s3_once(client, bucket, key, limits, desc), limits, desc)
-
-
-def _fetch_s3_once(client: Any, bucket: str, key: str, limits: ImageLimits, desc: str) -> bytes:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        obj = client.get_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        raise _s3_error(exc, desc) from exc
-    except BotoCoreError as exc:
-        raise _s3_botocore_error(exc, f"{desc}: S3 request failed") from exc
-    body = obj["Body"]
-    try:
-        size = obj.get("ContentLength")
-        if size is not None and size > limits.max_bytes:
-            raise ImageTooLarge(f"{desc}: {size} bytes is over max_bytes={limits.max_bytes}")
-        buf = bytearray()
-        while chunk := body.read(_CHUNK):
-            buf += chunk
-            if len(buf) > limits.max_bytes:
-                raise ImageTooLarge(f"{desc}: body is over max_bytes={limits.max_bytes}")
-        return bytes(buf)
-    except BotoCoreError as exc:
-        raise _s3_botocore_error(exc, f"{desc}: S3 read failed") from exc
-    finally:
-        body.close()
-
-
-_S3_TRANSIENT_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "RequestLimitExceeded", "TooManyRequestsException", "ProvisionedThroughputExceededException",
-    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
-})  # fmt: skip
-
-
-def _s3_error(exc: Any, desc: str) -> Exception:
-    err = exc.response.get("Error", {})
-    code = str(err.get("Code", ""))
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    text = f"{desc}: S3 {code or status}: {err.get('Message', '')}".rstrip(": ")
-    if code in ("NoSuchKey", "NoSuchBucket", "NotFound", "404") or status == 404:
-        return ImageNotFound(text)
-    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
-        return ImageAccessDenied(text)
-    if code in _S3_TRANSIENT_CODES or (isinstance(status, int) and (status >= 500 or status == 429)):
-        return _Transient(text)
-    return ImageError(text)
-
-
-def _s3_botocore_error(exc: Exception, what: str) -> Exception:
-    """Connection-level botocore errors are transient; the rest (no credentials, ...) are not."""
-    from botocore.exceptions import (
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        ReadTimeoutError,
-        ResponseStreamingError,
-    )
-
-    transient = (ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError,
-                 ResponseStreamingError)  # fmt: skip
-    text = f"{what}: {type(exc).__name__}: {exc}"
-    return _Transient(text) if isinstance(exc, transient) else ImageError(text)
-
-
-_s3_lock = threading.Lock()
-_s3_clients: dict[tuple[tuple[str, Any], ...], Any] = {}
-
-
-def _default_s3_client() -> Any:
-    """One boto3 client per distinct setting (clients are thread-safe; creating them is not)."""
-    from scalecap.settings import Settings
-
-    kwargs = Settings.from_env().s3_client_kwargs()
-    key = tuple(sorted(kwargs.items()))
-    with _s3_lock:
-        client = _s3_clients.get(key)
-        if client is None:
-            try:
-                import boto3
-                from botocore.config import Config
-            except ImportError as exc:
-                raise ImageError("s3:// images need boto3: pip install 'scalecap-fleet[producer]'") from exc
-            # One try per call: _with_retries owns retrying, so the count in an error is true.
-            config = Config(retries={"mode": "standard", "total_max_attempts": 1})
-            client = _s3_clients[key] = boto3.client("s3", config=config, **kwargs)
-    return client
-
-
-# -- address guard (scalecap.netguard) ---------------------------------------------------------
-
-_forbidden_reason = forbidden_reason  # kept under its old name for callers and tests
-
-
-def _policy(limits: ImageLimits) -> AddressPolicy:
-    return AddressPolicy(limits.allow_private_urls, _networks(limits), "allow_private_urls")
-
-
 # -- decoding ----------------------------------------------------------------------------------
 
 
-def _decode(data: bytes, limits: ImageLimits, desc: str, hint: str = "") -> Image.Image:
+def normalize_image(im: Image.Image, limits: ImageLimits, desc: str) -> Image.Image:
+    """A caller's PIL image checked, oriented, RGB and scaled; never the caller's object."""
+    im = _check_and_load(im, limits, desc, draft=False)  # draft would alter the caller's
+    return _finish(im, limits, desc, in_place=False)
+
+
+def decode_bytes(data: bytes, limits: ImageLimits, desc: str, hint: str = "") -> Image.Image:
+    """A new RGB image from encoded bytes; `hint` (a content type) goes into a not-an-image error."""
     if not data:
         raise EmptyImage(f"{desc}: empty (0 bytes)")
     if len(data) > limits.max_bytes:
