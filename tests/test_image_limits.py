@@ -119,7 +119,7 @@ def test_a_run_with_a_decompression_bomb_fails_that_image_only_and_stays_small(t
         argv = ["scalecap", "caption", str(manifest), "-o", str(out), "--backend", SCRIPTED,
                 "--model", "scripted", "--max-questions", "1", "--no-progress"]  # fmt: skip
         script = (
-            "import resource, sys\nfrom producer.cli import main\n"
+            "import resource, sys\nfrom scalecap_command import main\n"
             f"sys.argv = {argv!r}\nrc = main(sys.argv[1:])\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)\n"
         )
