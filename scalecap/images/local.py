@@ -11,14 +11,15 @@ import base64
 import binascii
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 from scalecap.errors import ImageAccessDenied, ImageError, ImageNotFound, ImageTooLarge, NotAnImage
 from scalecap.images.limits import ImageLimits
 from scalecap.images.refs import image_ref_kind
 
-__all__ = ["allowed_local_path", "decode_data_uri", "read_local", "under_roots"]
+__all__ = ["allowed_local_path", "decode_data_uri", "local_read_errors", "read_local", "under_roots"]
 
 Roots = Sequence[str | os.PathLike[str]]
 
@@ -46,6 +47,19 @@ def allowed_local_path(path: str, roots: Roots | None, desc: str) -> str:
     return real
 
 
+@contextmanager
+def local_read_errors(desc: str, missing: str = "no such file") -> Iterator[None]:
+    """OS errors while reading a local file, raised as the typed image errors naming `desc`."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise ImageNotFound(f"{desc}: {missing}") from exc
+    except PermissionError as exc:
+        raise ImageAccessDenied(f"{desc}: permission denied") from exc
+    except OSError as exc:
+        raise ImageError(f"{desc}: cannot read: {exc}") from exc
+
+
 def read_local(source: str | os.PathLike[str], limits: ImageLimits, desc: str) -> bytes:
     """The bytes of a local path or file:// URI, within the allowed roots and max_bytes."""
     if isinstance(source, str) and image_ref_kind(source) == "file":
@@ -56,7 +70,7 @@ def read_local(source: str | os.PathLike[str], limits: ImageLimits, desc: str) -
     else:
         path = os.fspath(source)
     real = allowed_local_path(path, limits.allowed_roots, desc)
-    try:
+    with local_read_errors(desc):
         st = os.stat(real)
         if not stat.S_ISREG(st.st_mode):
             raise NotAnImage(f"{desc}: not a regular file")
@@ -68,12 +82,6 @@ def read_local(source: str | os.PathLike[str], limits: ImageLimits, desc: str) -
             data = fh.read(want)
             if len(data) == want:  # bigger than stat said (still growing, or a /proc file)
                 data += fh.read(limits.max_bytes + 1 - len(data))
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise ImageNotFound(f"{desc}: no such file") from exc
-    except PermissionError as exc:
-        raise ImageAccessDenied(f"{desc}: permission denied") from exc
-    except OSError as exc:
-        raise ImageError(f"{desc}: cannot read: {exc}") from exc
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"{desc}: over max_bytes={limits.max_bytes}")
     return data

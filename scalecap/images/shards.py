@@ -11,9 +11,9 @@ import io
 import json
 from typing import Any
 
-from scalecap.errors import ImageAccessDenied, ImageError, ImageNotFound, ImageTooLarge, TruncatedImage
+from scalecap.errors import ImageError, ImageNotFound, ImageTooLarge, TruncatedImage
 from scalecap.images.limits import ImageLimits
-from scalecap.images.local import allowed_local_path
+from scalecap.images.local import allowed_local_path, local_read_errors
 from scalecap.images.refs import MemberRef, RowRef, Span, describe_shard, is_shard_ref, parse_ref
 from scalecap.images.s3 import check_bucket, client_for, s3_error, split_s3_url
 from scalecap.images.transient import with_retries
@@ -46,16 +46,9 @@ def read_range(where: str, span: Span, limits: ImageLimits, desc: str) -> bytes:
         data = _s3_range(where, span, limits, desc)
     else:
         real = allowed_local_path(where, limits.allowed_roots, desc)
-        try:
-            with open(real, "rb") as fh:
-                fh.seek(span.offset)
-                data = fh.read(span.size)
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            raise ImageNotFound(f"{desc}: no such shard") from exc
-        except PermissionError as exc:
-            raise ImageAccessDenied(f"{desc}: permission denied") from exc
-        except OSError as exc:
-            raise ImageError(f"{desc}: cannot read: {exc}") from exc
+        with local_read_errors(desc, "no such shard"), open(real, "rb") as fh:
+            fh.seek(span.offset)
+            data = fh.read(span.size)
     if len(data) != span.size:
         raise TruncatedImage(
             f"{desc}: the shard ends {span.size - len(data)} bytes before this member's end "
