@@ -301,7 +301,7 @@ class Nemesis:
         for k in range(int(f.level)):
             t = time.monotonic()
             try:
-                argv = ["faketime", "-f", SKEW, sys.executable, "-m", "producer.cli", "reconcile"]
+                argv = ["faketime", "-f", SKEW, sys.executable, "-m", "scalecap_command", "reconcile"]
                 r = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=45)
             except subprocess.TimeoutExpired:
                 self.note(f.kind, f"`scalecap reconcile` {SKEW} ahead: still running after 45 s, stopped")

@@ -71,7 +71,7 @@ class Worker:
             self.env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
 
     def argv(self) -> list[str]:
-        base = [sys.executable, "-m", "producer.cli", "worker", *self.args, "--hostname",
+        base = [sys.executable, "-m", "scalecap_command", "worker", *self.args, "--hostname",
                 f"{self.name}@chaos", "--loglevel", "INFO"]
         return ["faketime", "-f", self.skew, *base] if self.skew else base
 
@@ -183,7 +183,7 @@ class ChaosFleet:
 
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """`scalecap ARGS` as an operator runs it (straight to Redis)."""
-        return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=self.env(), cwd=REPO,
+        return subprocess.run([sys.executable, "-m", "scalecap_command", *args], env=self.env(), cwd=REPO,
                               capture_output=True, text=True, timeout=timeout)
 
     def worker(self, name: str, *, skew: str | None = None, io: bool = False) -> Worker:
@@ -214,7 +214,7 @@ class ChaosFleet:
         self.receiver.up()
         with open(self.logs / "api.log", "ab") as log:
             self.api = subprocess.Popen(
-                [sys.executable, "-m", "producer.cli", "api", "--port", str(self.api_port),
+                [sys.executable, "-m", "scalecap_command", "api", "--port", str(self.api_port),
                  "--log-level", "warning"],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=REPO, start_new_session=True)
         self.workers = [self.worker(f"w{i}") for i in range(self.n_workers)]
