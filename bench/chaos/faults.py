@@ -280,7 +280,7 @@ class Nemesis:
                              settings)
             while time.monotonic() < end:
                 with contextlib.suppress(Exception):  # Redis may be down meanwhile
-                    passes["events"] += rec.drain().events
+                    passes["events"] += int(getattr(rec.drain(), "events", 0) or 0)
                     rec.reconcile()
                     passes["passes"] += 1
                 time.sleep(0.05)
