@@ -140,6 +140,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         batch_ids = [b.batch_id for b in workload.batches]
         quiet, state, waited = settle(fleet, batch_ids, args.settle, say)
         say(("quiet" if quiet else "NOT quiet") + f" after {waited} s: {state}")
+        if not quiet:
+            for path in fleet.dump_stacks():
+                say(f"stacks: {path}")
         r = fleet.redis_client()
         try:
             checks = invariants.check_all(

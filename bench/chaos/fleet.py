@@ -268,6 +268,22 @@ class ChaosFleet:
             else:
                 w.signal(signal.SIGCONT)
 
+    def dump_stacks(self) -> list[str]:
+        """Every worker's Python stacks into logs/NAME.stacks, when py-spy is installed: why a
+        fleet that never went quiet is stuck. Returns the files written."""
+        spy = shutil.which("py-spy")
+        if spy is None:
+            return []
+        out = []
+        for w in [*self.workers, *([self.io] if self.io else [])]:
+            if w.alive and w.proc is not None:
+                path = self.logs / f"{w.name}.stacks"
+                with contextlib.suppress(Exception), open(path, "w") as f:
+                    subprocess.run([spy, "dump", "--pid", str(w.proc.pid)], stdout=f,
+                                   stderr=subprocess.STDOUT, timeout=30)
+                    out.append(str(path))
+        return out
+
     def close(self) -> None:
         """Stop everything fast: the run is over, nothing of it is kept but the logs."""
         for w in [*self.workers, *([self.io] if self.io else [])]:
