@@ -28,6 +28,7 @@ from typing import Any
 
 from scalecap.errors import BackendError
 from scalecap.fleet import failpoints
+from scalecap.fleet.outcomes import ClaimCode, FinishCode, RunOutcome
 from scalecap.fleet.protocol import BatchStore, Chunk, JobMessage, Outcome, batch_key
 from scalecap.fleet.sinks import Sink, SinkError, open_sink
 from scalecap.record import is_error
@@ -214,7 +215,7 @@ def _process(ctx: JobContext, msg: JobMessage) -> dict[str, int]:
     claim = store.claim(b, list(refs), token=token, lease_seconds=lease_seconds(s),
                         max_attempts=s.max_attempts, queue=meta.queue, quarantine=msg.quarantine)
     for code, _ in claim.codes.values():
-        if code != "run":
+        if code is not ClaimCode.RUN:
             result.add(code)
     if claim.quarantine:
         ctx.publish(Chunk.parse(claim.quarantine))
@@ -229,14 +230,14 @@ def _process(ctx: JobContext, msg: JobMessage) -> dict[str, int]:
         sink = ctx.sink(meta.sink)
     except (SinkError, ValueError) as exc:  # the sink is down: nobody's fault, queued again
         err = _error("sink", exc)
-        outcomes = [Outcome(j, "requeue", error=err) for j in run]
+        outcomes = [Outcome(j, RunOutcome.REQUEUE, error=err) for j in run]
         sink = None
     if sink is not None:
         for j in run:
             entry = claim.codes[j][1]
             own = _reuse(ctx, sink, meta, b, j, entry) if entry else None
             if own:
-                outcomes.append(Outcome(j, "done", own))
+                outcomes.append(Outcome(j, RunOutcome.DONE, own))
                 result.add("reused")
             else:
                 to_run.append((j, refs[j]))
@@ -250,15 +251,15 @@ def _process(ctx: JobContext, msg: JobMessage) -> dict[str, int]:
             outcomes.append(_write(sink, b, j, ref, record))
         failpoints.hit("after_sink_write")
 
-    again = [o.job_id for o in outcomes if o.outcome in ("retry", "requeue")]
+    again = [o.job_id for o in outcomes if o.outcome in (RunOutcome.RETRY, RunOutcome.REQUEUE)]
     runs = max((int(v.get("runs", 1)) for v in store.jobs_view(b, again) if v), default=1)
     retry_in = retry_delay(runs) if again else 0.0
     fin = store.finish(b, outcomes, token=token, lease=claim.lease, max_attempts=s.max_attempts,
                        queue=meta.queue, sink=meta.sink, retry_in=retry_in)
     failpoints.hit("after_finish")
     for o in outcomes:
-        code = fin.codes.get(o.job_id, "ok")
-        result.add(o.outcome if code == "ok" else code)
+        code = fin.codes.get(o.job_id, FinishCode.OK)
+        result.add(o.outcome if code is FinishCode.OK else code)
     if fin.completed:
         log.info("batch %s completed", b)
     if fin.retry:
@@ -270,21 +271,21 @@ def _process(ctx: JobContext, msg: JobMessage) -> dict[str, int]:
 def _write(sink: Sink, b: str, j: str, ref: str, record: dict[str, Any] | BaseException) -> Outcome:
     """Store one image's record; what the finish script should make of it."""
     if isinstance(record, JobTimeout):
-        return Outcome(j, "retry", error={"stage": "engine", "type": "JobTimeout", "message": str(record)})
+        return Outcome(j, RunOutcome.RETRY, error=_error("engine", record))
     if isinstance(record, BaseException):  # the engine, or a bug: charged, bounded retries
         stage = "engine" if isinstance(record, BackendError) else "worker"
         log.warning("job %s of batch %s failed: %s", j, b, record)
-        return Outcome(j, "retry", error=_error(stage, record))
+        return Outcome(j, RunOutcome.RETRY, error=_error(stage, record))
     if is_retryable_record(record):
-        return Outcome(j, "retry", error=record["error"])
+        return Outcome(j, RunOutcome.RETRY, error=record["error"])
     try:
         location = sink.write(b, j, {"image": ref, "scalecap_record": record})
     except (SinkError, ValueError) as exc:  # a sink outage is not the job's fault
         log.warning("job %s of batch %s: sink write failed: %s", j, b, exc)
-        return Outcome(j, "requeue", error=_error("sink", exc))
+        return Outcome(j, RunOutcome.REQUEUE, error=_error("sink", exc))
     if is_error(record):
-        return Outcome(j, "failed", location, record.get("error"))
-    return Outcome(j, "done", location)
+        return Outcome(j, RunOutcome.FAILED, location, record.get("error"))
+    return Outcome(j, RunOutcome.DONE, location)
 
 
 __all__ = ["JobContext", "LaneLock", "lease_seconds", "process_chunk", "retry_delay"]

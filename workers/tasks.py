@@ -18,6 +18,7 @@ from typing import Any
 
 from celery import Celery
 
+from scalecap.fleet.layout import results_prefix
 from scalecap.fleet.protocol import (
     EVENT_JOB_COMPLETED,
     TASK_CAPTION,
@@ -45,7 +46,7 @@ def results_location(batch: dict[str, str], batch_id: str) -> str:
     sink = batch.get("sink", "")
     if sink.startswith("s3://"):
         return f"{sink.rstrip('/')}/{batch_id}/"
-    return f"redis://scalecap:result:{batch_id}:"
+    return "redis://" + results_prefix(batch_id)
 
 
 def webhook_retry_delay(attempt: int, cap: float) -> float:

@@ -13,8 +13,9 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from scalecap.errors import ScaleCapError
+from scalecap.fleet.layout import RESULT_PREFIX
 
-REDIS_PREFIX = "scalecap:result:"
+REDIS_PREFIX = RESULT_PREFIX
 EXPORT_NAME = "records.jsonl"
 _MULTIPART_CHUNK = 8 * 1024 * 1024  # boto3's default multipart threshold and part size
 
