@@ -1,12 +1,21 @@
--- Claim a chunk of jobs for one run: one attempt token for the chunk, a lease until ARGV[5].
--- ARGV[4] token, [5] lease deadline, [6] max attempts, [7] '1' in the quarantine lane,
--- [8] the quarantine queue, [9] record index key prefix, then job ids.
--- Returns {lease member or '', quarantine member or '', then per job: code, detail} with code
---   run (detail: the record index entry or ''), final, busy (another run holds a live lease),
---   skip (waits for its quarantine message), quarantined (a run was lost: sent to the
---   quarantine lane, not charged), dead (dead-lettered), cancelled, missing.
--- A run that was lost outside the quarantine lane charges nobody: its job runs again alone in
--- the quarantine lane, and only a loss there charges an attempt.
+--[[ claim_chunk: claim a chunk of jobs for one run: one attempt token, one lease.
+  KEYS (of the 11 every script receives, lib.lua):
+    KEYS[1] batch hash   KEYS[3] job states   KEYS[5] finished   KEYS[6] outbox
+    KEYS[7] dead letters   KEYS[8] leases   KEYS[9] unpublished   KEYS[10] queued-images counter
+  ARGV:
+    [1] batch id  [2] now  [3] retention (lib.lua)
+    [4] attempt token   [5] lease deadline   [6] max attempts   [7] '1' in the quarantine lane
+    [8] the quarantine queue   [9] record index key prefix   [10..] job ids
+  Replies (outcomes.ClaimCode):
+    {'missing'} when the batch does not exist; else
+    {lease member or '', quarantine member or '', then per job: code, detail}, code one of
+      run (detail: the record index entry or ''), final, busy (another run holds a live
+      lease), skip (waits for its quarantine message), quarantined (a run was lost: sent to
+      the quarantine lane, not charged), dead (dead-lettered), cancelled, missing.
+  A run that was lost outside the quarantine lane charges nobody: its job runs again alone in
+  the quarantine lane, and only a loss there charges an attempt.
+  Events: job.completed per job settled (webhook_jobs), batch.completed if that finished it.
+]]
 local token, deadline, max_attempts = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local quarantine = ARGV[7] == '1'
 local h = redis.call('HMGET', KEYS[1], 'created_at', 'cancel_requested', 'webhook_jobs')

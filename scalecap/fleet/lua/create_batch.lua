@@ -1,6 +1,16 @@
--- Create a batch, or reopen it for a resubmission with the same config, model and sink.
--- ARGV[4..]: config, config_hash, model, queue, sink, webhook, webhook_jobs, owner.
--- Returns {'created'} | {'reopened'} | {'mismatch', field, stored value}. A mismatch writes nothing.
+--[[ create_batch: create a batch, or reopen it for a resubmission with the same config,
+  model and sink. A mismatch writes nothing.
+  KEYS (of the 11 every script receives, lib.lua):
+    KEYS[1] batch hash   KEYS[5] finished (a reopened batch leaves it)   KEYS[11] owners
+    KEYS[1..4] lose their TTL when reopened
+  ARGV:
+    [1] batch id  [2] now  [3] retention (lib.lua)
+    [4] config JSON   [5] config hash   [6] model   [7] queue   [8] sink   [9] webhook URL or ''
+    [10] '1' for per-job events   [11] owner or ''   [12] the batches index key
+    [13] the owner's batches index key (when [11] is set)
+  Replies (outcomes.CreateReply):
+    {'created'} | {'reopened'} | {'mismatch', field, stored value}
+]]
 local config, chash, model, queue, sink = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local h = redis.call('HMGET', KEYS[1], 'created_at', 'config_hash', 'model', 'sink', 'queue')
 if h[1] then

@@ -1,7 +1,16 @@
--- A lease ran out (its worker died or hung): requeue its jobs that still hold its token into
--- the quarantine lane. A job that was already running alone there is charged the lost attempt
--- (and dead-lettered at max attempts). ARGV[4] token, [5] lease member, [6] max attempts,
--- [7] quarantine queue, then job ids. Returns the quarantine member ('' if none).
+--[[ expire_lease: a lease ran out (its worker died or hung): requeue its jobs that still hold
+  its token into the quarantine lane. A job that was already running alone there is charged
+  the lost attempt (and dead-lettered at max attempts).
+  KEYS (of the 11 every script receives, lib.lua):
+    KEYS[1] batch hash   KEYS[3] job states   KEYS[5] finished   KEYS[6] outbox
+    KEYS[7] dead letters   KEYS[8] leases   KEYS[9] unpublished   KEYS[10] queued-images counter
+  ARGV:
+    [1] batch id  [2] now  [3] retention (lib.lua)
+    [4] attempt token   [5] lease member   [6] max attempts   [7] quarantine queue   [8..] job ids
+  Replies:
+    the unpublished member of the jobs sent to the quarantine lane ('' if none)
+  Events: job.completed per job dead-lettered (webhook_jobs), batch.completed if that finished it.
+]]
 local token, max_attempts = ARGV[4], tonumber(ARGV[6])
 local webhook_jobs = redis.call('HGET', KEYS[1], 'webhook_jobs') == '1'
 local lost, ended = {}, false

@@ -1,11 +1,22 @@
--- Apply a chunk's outcomes, only where the job still holds this run's token; drop the lease.
--- ARGV[4] token, [5] lease member, [6] max attempts, [7] record index TTL (0: none),
--- [8] record index key prefix, [9] the queue for retries, [10] when retries are due,
--- [11] sink, then per job 4: job id, outcome, location, error JSON. Outcomes:
---   done / failed: final, with the record's location (and error);
---   retry: a failure of this job: one attempt charged, dead-lettered at max attempts;
---   requeue: not the job's fault (a sink outage): queued again, not charged.
--- Returns {'completed' | 'ok', retry member or '', per job: ok | stale | dead}.
+--[[ finish_chunk: apply a chunk's outcomes, only where the job still holds this run's token;
+  drop the lease.
+  KEYS (of the 11 every script receives, lib.lua):
+    KEYS[1] batch hash   KEYS[3] job states   KEYS[5] finished   KEYS[6] outbox
+    KEYS[7] dead letters   KEYS[8] leases   KEYS[9] unpublished   KEYS[10] queued-images counter
+    KEYS[1..4] get their TTL if this finished the batch
+  ARGV:
+    [1] batch id  [2] now  [3] retention (lib.lua)
+    [4] attempt token   [5] lease member   [6] max attempts   [7] record index TTL (0: none)
+    [8] record index key prefix   [9] the queue for retries   [10] when retries are due
+    [11] sink   [12..] per job 4: job id, outcome (outcomes.RunOutcome), location, error JSON
+    Outcomes: done / failed: final, with the record's location (and error); retry: a failure
+    of this job, one attempt charged, dead-lettered at max attempts; requeue: not the job's
+    fault (a sink outage), queued again, not charged.
+  Replies:
+    {batch reply (outcomes.BatchReply: 'completed' | 'ok'), retry member or '',
+     per job (outcomes.FinishCode): ok | stale | dead}
+  Events: job.completed per job made final (webhook_jobs), batch.completed if that finished it.
+]]
 local token, max_attempts, ttl = ARGV[4], tonumber(ARGV[6]), tonumber(ARGV[7])
 local webhook_jobs = redis.call('HGET', KEYS[1], 'webhook_jobs') == '1'
 local out, again = {}, {}

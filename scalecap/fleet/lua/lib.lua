@@ -1,5 +1,6 @@
 -- Shared by every transition (prepended to each script when it is loaded).
--- KEYS, the same layout for every script (names in scalecap/fleet/protocol.py):
+-- KEYS, the same 11 for every script (built by BatchStore._keys; names in scalecap/fleet/layout.py);
+-- each script's header says which of them it uses:
 --   1 batch hash   2 job index (zset)   3 job states (hash: job id -> JSON)   4 webhook attempts
 --   5 finished (zset)   6 outbox (list)   7 dead letters (list)   8 leases (zset)
 --   9 unpublished (zset)   10 the batch queue's queued-images counter   11 owners (hash)

@@ -1,8 +1,15 @@
--- Register a chunk of jobs and note it as not yet published, in one step.
--- ARGV[4] chunk id, ARGV[5] queue, then triples (job id, ref, error JSON or '').
--- Returns {unpublished member or '', code per job}: 1 new (publish), 2 known and not final
--- (publish again: its message may be lost), 3 new but failed (a bad row), 0 nothing to do
--- (final already, or repeated within this call).
+--[[ register_jobs: register a chunk of jobs and note it as not yet published, in one step.
+  KEYS (of the 11 every script receives, lib.lua):
+    KEYS[1] batch hash   KEYS[2] job index   KEYS[3] job states   KEYS[9] unpublished
+    KEYS[10] queued-images counter
+  ARGV:
+    [1] batch id  [2] now  [3] retention (lib.lua)
+    [4] chunk id   [5] queue   [6..] triples (job id, ref, error JSON or '')
+  Replies (outcomes.RegisterCode per job):
+    {unpublished member or '', code per job}: 1 new (publish), 2 known and not final
+    (publish again: its message may be lost), 3 new but failed (a bad row), 0 nothing to do
+    (final already, or repeated within this call)
+]]
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local codes, pub, seen = {}, {}, {}
 local new_q, new_f = 0, 0
