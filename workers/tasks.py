@@ -86,6 +86,9 @@ def register_tasks(app: Celery) -> Celery:
     """Add the fleet's tasks to `app` (a worker's; producers only send by name)."""
     settings: Settings = app.conf.scalecap_settings
     state: dict[str, Any] = {}
+    from scalecap.fleet import failpoints
+
+    failpoints.install_kombu_hook()  # tests only: `after_pop`, between kombu's pop and its unacked write
 
     def publish(chunk: Chunk, countdown: float) -> None:
         from scalecap.fleet.reconcile import publish_chunk
@@ -168,7 +171,7 @@ def register_tasks(app: Celery) -> Celery:
                 delay = webhook_retry_delay(attempt, settings.webhook_retry_max_delay)
                 if outcome.retry_after is not None:  # the receiver said when to come back
                     delay = min(float(outcome.retry_after), settings.webhook_retry_max_delay)
-                due = time.time() + delay
+                due = ctx.store.now() + delay  # Redis' clock, as the drain reads it
                 ctx.redis.zadd(WEBHOOK_RETRIES_KEY, {json.dumps({**event, "attempt": attempt + 1}): due})
                 status_field = "retrying"
             else:

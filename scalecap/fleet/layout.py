@@ -26,6 +26,8 @@ batch finishes:
   unpublished                sorted set of JSON chunks registered (or requeued) whose message
                              is not yet known to be on the broker, by when it is due
   leases                     sorted set of JSON {b, t, jobs} of running chunks, by deadline
+  reply:{t}:claim|finish     string (TTL 120 s): a claim's or finish's reply, so the call resent
+                             after a lost reply answers as the first did
   queue:{q}:queued           images queued for queue q (submit backpressure)
 """
 
@@ -126,6 +128,11 @@ def queue_queued_key(queue: str) -> str:
 
 def record_index_key(job_id: str) -> str:
     return RECORD_PREFIX + job_id
+
+
+def reply_key(call: str) -> str:
+    """Where a claim's or finish's reply is kept briefly (`{token}:claim`), for a resent call."""
+    return f"{PREFIX}reply:{call}"
 
 
 def results_prefix(batch_id: str) -> str:

@@ -15,7 +15,6 @@ scalecap/fleet/messages.py; both are re-exported here, so `from scalecap.fleet.p
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from scalecap.fleet.layout import (
     quarantine_queue,
     queue_queued_key,
     record_index_key,
+    reply_key,
     results_prefix,
     slug,
     webhook_attempts_key,
@@ -69,6 +69,7 @@ from scalecap.fleet.outcomes import (
     CreateReply,
     FinishCode,
     JobState,
+    LeaseReply,
     RegisterCode,
     RunOutcome,
 )
@@ -81,11 +82,6 @@ COUNTERS = ("total", *STATES, "dead_lettered", "stale_results")
 
 class BatchMismatch(ConfigError):
     """A resubmission to an existing batch with another config, model or sink (nothing written)."""
-
-
-def now() -> str:
-    """Timestamps are Unix seconds with millisecond precision, as strings (Redis hash values)."""
-    return f"{time.time():.3f}"
 
 
 @dataclass
@@ -163,15 +159,22 @@ class BatchStore:
         self.retention = int(retention)
         self._scripts = {name: redis_client.register_script(_source(name)) for name in SCRIPTS}
 
-    def _keys(self, batch_id: str, queue: str = "") -> list[str]:
-        return [batch_key(batch_id), batch_jobs_key(batch_id), job_states_key(batch_id),
+    def _keys(self, batch_id: str, queue: str = "", reply: str = "") -> list[str]:
+        keys = [batch_key(batch_id), batch_jobs_key(batch_id), job_states_key(batch_id),
                 webhook_attempts_key(batch_id), FINISHED_KEY, OUTBOX_KEY, DEAD_LETTER_KEY,
                 LEASES_KEY, UNPUBLISHED_KEY, queue_queued_key(queue or "none"), OWNERS_KEY]
+        return [*keys, reply_key(reply)] if reply else keys
 
     def _run(self, name: str, batch_id: str, args: list[Any], *, queue: str = "",
-             client: Any = None) -> Any:
-        return self._scripts[name](keys=self._keys(batch_id, queue),
-                                   args=[batch_id, now(), self.retention, *args], client=client)
+             reply: str = "", client: Any = None) -> Any:
+        """One script call. No time goes in: the scripts read Redis' TIME (one clock)."""
+        return self._scripts[name](keys=self._keys(batch_id, queue, reply),
+                                   args=[batch_id, self.retention, *args], client=client)
+
+    def now(self) -> float:
+        """Redis' clock (Unix seconds): the one every deadline of the protocol is kept by."""
+        sec, usec = self.r.time()
+        return int(sec) + int(usec) / 1e6
 
     def queue_of(self, batch_id: str) -> str:
         return _decode(self.r.hget(batch_key(batch_id), "queue") or b"")
@@ -262,7 +265,7 @@ class BatchStore:
 
         Returns a RegisterCode per job and the chunk to publish, already noted in
         `unpublished` (see `published`)."""
-        args: list[Any] = [chunk_id or uuid.uuid4().hex, queue]
+        args: list[Any] = [chunk_id or uuid.uuid4().hex, queue, quarantine_queue(queue or "none")]
         for job_id, ref, error in jobs:
             args += [job_id, ref, json.dumps(error) if error else ""]
         res = self._run("register_jobs", batch_id, args, queue=queue)
@@ -286,11 +289,13 @@ class BatchStore:
         self, batch_id: str, job_ids: list[str], *, token: str, lease_seconds: float,
         max_attempts: int, queue: str, quarantine: bool = False,
     ) -> Claim:
-        deadline = f"{time.time() + lease_seconds:.3f}"
+        """Claim a chunk for the run `token` (a lease of `lease_seconds` by Redis' clock).
+
+        The reply is kept for a while: the same claim resent (a lost reply) answers alike."""
         res = self._run("claim_chunk", batch_id, [
-            token, deadline, int(max_attempts), "1" if quarantine else "0",
+            token, float(lease_seconds), int(max_attempts), "1" if quarantine else "0",
             quarantine_queue(queue), RECORD_PREFIX, *job_ids,
-        ], queue=queue)
+        ], queue=queue, reply=f"{token}:claim")
         res = [_decode(x) for x in res]
         if len(res) == 1 and ClaimCode(res[0]) is ClaimCode.MISSING:
             return Claim("", "", {j: (ClaimCode.MISSING, "") for j in job_ids})
@@ -301,24 +306,37 @@ class BatchStore:
         self, batch_id: str, outcomes: list[Outcome], *, token: str, lease: str, max_attempts: int,
         queue: str, sink: str, retry_in: float = 0.0, record_ttl: int | None = None,
     ) -> Finish:
+        """Apply a run's outcomes where its jobs still hold `token`; retries due in `retry_in` s.
+
+        The reply is kept for a while: the same finish resent answers alike (not stale)."""
         ttl = self.retention if record_ttl is None else record_ttl
         args: list[Any] = [token, lease, int(max_attempts), int(ttl or 0), RECORD_PREFIX, queue,
-                           f"{time.time() + retry_in:.3f}", sink]
+                           float(retry_in), sink]
         for o in outcomes:
             args += [o.job_id, str(o.outcome), o.location or "", json.dumps(o.error) if o.error else ""]
-        res = [_decode(x) for x in self._run("finish_chunk", batch_id, args, queue=queue)]
+        res = [_decode(x) for x in self._run("finish_chunk", batch_id, args, queue=queue,
+                                             reply=f"{token}:finish")]
         return Finish(BatchReply(res[0]), res[1],
                       {o.job_id: FinishCode(c) for o, c in zip(outcomes, res[2:], strict=True)})
 
-    def expire_lease(self, lease: str, *, max_attempts: int) -> Chunk | None:
-        """Requeue a dead run's jobs into the quarantine lane (charging a lost lone run)."""
+    def expire_lease(self, lease: str, *, max_attempts: int) -> tuple[LeaseReply, Chunk | None]:
+        """Requeue a dead run's jobs into the quarantine lane (charging a lost lone run).
+
+        LIVE, changing nothing, unless the lease is past its deadline by Redis' clock."""
         d = json.loads(lease)
         b = d["b"]
         queue = self.queue_of(b)
-        member = _decode(self._run("expire_lease", b, [
+        reply, member = (_decode(x) for x in self._run("expire_lease", b, [
             d["t"], lease, int(max_attempts), quarantine_queue(queue or "none"), *d["jobs"],
         ], queue=queue))
-        return Chunk.parse(member) if member else None
+        return LeaseReply(reply), Chunk.parse(member) if member else None
+
+    def renew_lease(self, lease: str, lease_seconds: float) -> LeaseReply:
+        """Extend a live run's lease by `lease_seconds` from now (Redis' clock); LOST when no
+        job of it still holds its token (the run must stop and write nothing)."""
+        d = json.loads(lease)
+        res = self._run("renew_lease", d["b"], [d["t"], lease, float(lease_seconds), *d["jobs"]])
+        return LeaseReply(_decode(res[0]))
 
     # --- retention and purge ------------------------------------------------------------
 
@@ -346,6 +364,11 @@ class BatchStore:
         removed = pipe.execute()
         return existed or bool(removed[0])
 
+    def unfinished(self, batch_id: str) -> bool:
+        """The batch exists and has not finished (purge refuses it unless forced)."""
+        created, finished = self.r.hmget(batch_key(batch_id), "created_at", "finished_at")
+        return created is not None and finished is None
+
     def finished_before(self, t: float, limit: int = 1000) -> list[str]:
         return [_decode(b) for b in self.r.zrangebyscore(FINISHED_KEY, "-inf", t, start=0, num=limit)]
 
@@ -355,7 +378,7 @@ class BatchStore:
         Retention 0 keeps everything until `purge`."""
         if self.retention <= 0:
             return 0
-        t = (now_t or time.time()) - self.retention
+        t = (now_t or self.now()) - self.retention
         gone = 0
         for b in self.finished_before(t, limit):
             if self.r.exists(batch_key(b)) and self.r.ttl(batch_key(b)) < 0:
@@ -407,6 +430,7 @@ __all__ = [
     "FinishCode",
     "JobMessage",
     "JobState",
+    "LeaseReply",
     "Outcome",
     "RegisterCode",
     "RunOutcome",
@@ -423,6 +447,7 @@ __all__ = [
     "quarantine_queue",
     "queue_queued_key",
     "record_index_key",
+    "reply_key",
     "results_prefix",
     "script_source",
     "slug",

@@ -11,7 +11,7 @@ import re
 from importlib import resources
 
 SCRIPTS = ("create_batch", "register_jobs", "claim_chunk", "finish_chunk", "close_batch",
-           "cancel_jobs", "expire_lease")
+           "cancel_jobs", "expire_lease", "renew_lease")
 
 _KEY_USE = re.compile(r"KEYS\[(\d+)\]")
 
