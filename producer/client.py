@@ -48,6 +48,10 @@ class BatchNotFound(ScaleCapError, KeyError):
     """No batch with this id in this Redis."""
 
 
+class BatchUnfinished(ConfigError):
+    """`purge` of a batch that has not finished, without force."""
+
+
 @dataclass
 class SubmitResult:
     batch_id: str
@@ -445,9 +449,18 @@ class FleetClient:
         report.events, report.retries_due = drained.events, drained.retries_due
         return report.to_dict()
 
-    def purge(self, batch_id: str) -> bool:
-        """Delete a batch's keys, index entries and Redis-sink records now (S3 records stay)."""
+    def purge(self, batch_id: str, *, force: bool = False) -> bool:
+        """Delete a batch's keys, index entries and Redis-sink records now (S3 records stay).
+
+        An unfinished batch is refused (BatchUnfinished) unless `force`, which cancels it first,
+        so its queued jobs give back their queued-image counts; a run still going finds the
+        batch gone and writes nothing."""
         check_batch_id(batch_id)
+        if self.store.unfinished(batch_id):
+            if not force:
+                raise BatchUnfinished(f"batch {batch_id} has not finished; cancel it first, or "
+                                      "purge --force (cancels, then purges)")
+            self.cancel(batch_id)
         return self.store.purge(batch_id, result_client=self.results_redis)
 
     def purge_finished_before(self, t: float) -> list[str]:
@@ -462,4 +475,4 @@ class FleetClient:
                 gone.append(b)
 
 
-__all__ = ["IO_QUEUE", "BatchNotFound", "FleetClient", "SubmitResult"]
+__all__ = ["IO_QUEUE", "BatchNotFound", "BatchUnfinished", "FleetClient", "SubmitResult"]
