@@ -1,4 +1,5 @@
-"""Every name the queue protocol's scripts answer with, and the job states they move between.
+"""Every name the queue protocol's scripts answer with, the job states they move between, and
+the small records BatchStore hands back (Claim, Finish, Outcome, Transition).
 
 The Lua scripts (scalecap/fleet/lua/*.lua) reply with these strings and codes; callers compare
 against the enum members, never against bare strings, so a renamed reply breaks at import time
@@ -9,7 +10,9 @@ docs/protocol.md draws it as a Mermaid state diagram.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+from typing import Any
 
 
 class JobState(StrEnum):
@@ -115,10 +118,8 @@ class RunOutcome(StrEnum):
     RETRY = "retry"
     """The job's own failure: one attempt charged, dead-lettered at max attempts."""
     REQUEUE = "requeue"
-    """Not the job's fault (a sink outage): queued again, not charged."""
-    PARK = "park"
-    """The sink stayed down past the retry budget: queued again, nothing charged, no run
-    counted; the worker stops claiming until its sink answers."""
+    """Not the job's fault (its sink is down): queued again, never charged nor dead-lettered
+    (parked: the worker claims nothing for that sink until it answers)."""
 
 
 class FinishCode(StrEnum):
@@ -140,18 +141,76 @@ class LeaseReply(StrEnum):
     LOST = "lost"
 
 
+# --- what BatchStore hands back -------------------------------------------------------------
+
+
+@dataclass
+class Transition:
+    """The outcome of one state change; `completed` is true for exactly one caller per batch."""
+
+    result: BatchReply
+
+    @property
+    def completed(self) -> bool:
+        return self.result is BatchReply.COMPLETED
+
+    @property
+    def applied(self) -> bool:
+        return self.result in (BatchReply.OK, BatchReply.COMPLETED)
+
+
+@dataclass
+class Claim:
+    """What claim_chunk decided for each job of a chunk."""
+
+    lease: str
+    quarantine: str
+    """The unpublished member of jobs sent to the quarantine lane ('' if none)."""
+    codes: dict[str, tuple[ClaimCode, str]] = field(default_factory=dict)
+    """job id -> (code, detail); detail is the record index entry JSON (or '') for RUN."""
+
+    def runnable(self) -> list[str]:
+        return [j for j, (c, _) in self.codes.items() if c is ClaimCode.RUN]
+
+
+@dataclass
+class Outcome:
+    """One job's result of a run, for finish_chunk."""
+
+    job_id: str
+    outcome: RunOutcome
+    location: str = ""
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class Finish:
+    result: BatchReply
+    retry: str
+    """The unpublished member of jobs queued again ('' if none)."""
+    codes: dict[str, FinishCode] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> bool:
+        return self.result is BatchReply.COMPLETED
+
+
 __all__ = [
     "ALLOWED",
     "FINAL_BATCH_STATES",
     "FINAL_STATES",
     "BatchReply",
     "BatchState",
+    "Claim",
     "ClaimCode",
     "CreateReply",
+    "Finish",
     "FinishCode",
     "JobState",
     "LeaseReply",
+    "Outcome",
     "RegisterCode",
     "RunOutcome",
+    "Transition",
     "allowed",
 ]

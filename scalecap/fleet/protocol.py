@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from scalecap.errors import ConfigError
@@ -65,13 +64,17 @@ from scalecap.fleet.messages import decode as _decode
 from scalecap.fleet.outcomes import (
     FINAL_STATES,
     BatchReply,
+    Claim,
     ClaimCode,
     CreateReply,
+    Finish,
     FinishCode,
     JobState,
     LeaseReply,
+    Outcome,
     RegisterCode,
     RunOutcome,
+    Transition,
 )
 from scalecap.fleet.scripts import SCRIPTS, script_source
 from scalecap.fleet.scripts import source as _source
@@ -82,57 +85,6 @@ COUNTERS = ("total", *STATES, "dead_lettered", "stale_results")
 
 class BatchMismatch(ConfigError):
     """A resubmission to an existing batch with another config, model or sink (nothing written)."""
-
-
-@dataclass
-class Transition:
-    """The outcome of one state change; `completed` is true for exactly one caller per batch."""
-
-    result: BatchReply
-
-    @property
-    def completed(self) -> bool:
-        return self.result is BatchReply.COMPLETED
-
-    @property
-    def applied(self) -> bool:
-        return self.result in (BatchReply.OK, BatchReply.COMPLETED)
-
-
-@dataclass
-class Claim:
-    """What claim_chunk decided for each job of a chunk."""
-
-    lease: str
-    quarantine: str
-    """The unpublished member of jobs sent to the quarantine lane ('' if none)."""
-    codes: dict[str, tuple[ClaimCode, str]] = field(default_factory=dict)
-    """job id -> (code, detail); detail is the record index entry JSON (or '') for RUN."""
-
-    def runnable(self) -> list[str]:
-        return [j for j, (c, _) in self.codes.items() if c is ClaimCode.RUN]
-
-
-@dataclass
-class Outcome:
-    """One job's result of a run, for finish_chunk."""
-
-    job_id: str
-    outcome: RunOutcome
-    location: str = ""
-    error: dict[str, Any] | None = None
-
-
-@dataclass
-class Finish:
-    result: BatchReply
-    retry: str
-    """The unpublished member of jobs queued again ('' if none)."""
-    codes: dict[str, FinishCode] = field(default_factory=dict)
-
-    @property
-    def completed(self) -> bool:
-        return self.result is BatchReply.COMPLETED
 
 
 def _job_view(raw: Any) -> dict[str, str] | None:
