@@ -78,8 +78,8 @@ def test_a_resent_claim_and_finish_answer_as_the_first_did(redis_url):
     assert f2 == f1 and set(f1.codes.values()) == {FinishCode.OK} and f1.completed is False
     c = counts(store.batch("b"))
     assert (c["done"], c["stale_results"]) == (2, 0)
-    assert 0 < store.r.ttl(reply_key("t:finish")) <= 120  # kept briefly, then gone
-    # Another run's finish is still stale: the kept reply belongs to this token only.
+    assert 0 < store.r.ttl(reply_key("t:claim")) <= 120  # kept briefly, then gone
+    # Another run's finish is still stale: only the run whose finish applied is recognised.
     assert store.finish("b", outs, token="other", lease="x", **FIN).codes["j0"] is FinishCode.STALE
 
 

@@ -13,7 +13,7 @@ batch finishes:
   batch:{b}:jobs             sorted set: job ids by arrival (paged by rank)
   batch:{b}:job              hash: job id -> JSON {s state, r ref, a charged attempts, n runs,
                              t attempt token, d lease deadline, q quarantined, l location,
-                             e error, u updated_at}
+                             e error, u updated_at, w token of the run whose finish applied}
   batch:{b}:webhook_attempts list of JSON webhook attempt records
   record:{j}                 string (TTL = retention): JSON {"sink", "location"} of a finished
                              record, across batches
@@ -26,8 +26,8 @@ batch finishes:
   unpublished                sorted set of JSON chunks registered (or requeued) whose message
                              is not yet known to be on the broker, by when it is due
   leases                     sorted set of JSON {b, t, jobs} of running chunks, by deadline
-  reply:{t}:claim|finish     string (TTL 120 s): a claim's or finish's reply, so the call resent
-                             after a lost reply answers as the first did
+  reply:{t}:claim            string (TTL 120 s): a claim's reply, so the claim resent after a
+                             lost reply answers as the first did
   queue:{q}:queued           images queued for queue q (submit backpressure)
 """
 
@@ -131,7 +131,7 @@ def record_index_key(job_id: str) -> str:
 
 
 def reply_key(call: str) -> str:
-    """Where a claim's or finish's reply is kept briefly (`{token}:claim`), for a resent call."""
+    """Where a claim's reply is kept briefly (`{token}:claim`), for a resent claim."""
     return f"{PREFIX}reply:{call}"
 
 

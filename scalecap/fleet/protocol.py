@@ -260,14 +260,13 @@ class BatchStore:
     ) -> Finish:
         """Apply a run's outcomes where its jobs still hold `token`; retries due in `retry_in` s.
 
-        The reply is kept for a while: the same finish resent answers alike (not stale)."""
+        The same finish resent (a lost reply) answers ok for the jobs it applied, not stale."""
         ttl = self.retention if record_ttl is None else record_ttl
         args: list[Any] = [token, lease, int(max_attempts), int(ttl or 0), RECORD_PREFIX, queue,
                            float(retry_in), sink]
         for o in outcomes:
             args += [o.job_id, str(o.outcome), o.location or "", json.dumps(o.error) if o.error else ""]
-        res = [_decode(x) for x in self._run("finish_chunk", batch_id, args, queue=queue,
-                                             reply=f"{token}:finish")]
+        res = [_decode(x) for x in self._run("finish_chunk", batch_id, args, queue=queue)]
         return Finish(BatchReply(res[0]), res[1],
                       {o.job_id: FinishCode(c) for o, c in zip(outcomes, res[2:], strict=True)})
 

@@ -4,8 +4,6 @@
     KEYS[1] batch hash   KEYS[3] job states   KEYS[5] finished   KEYS[6] outbox
     KEYS[7] dead letters   KEYS[8] leases   KEYS[9] unpublished   KEYS[10] queued-images counter
     KEYS[1..4] get their TTL if this finished the batch
-    KEYS[12] this call's kept reply (a resent finish with the same token answers alike and is
-    not counted stale)
   ARGV:
     [1] batch id  [2] retention (lib.lua; now is Redis' TIME)
     [3] attempt token   [4] lease member   [5] max attempts   [6] record index TTL (0: none)
@@ -19,11 +17,11 @@
   Replies:
     {batch reply (outcomes.BatchReply: 'completed' | 'ok' | 'missing'), retry member or '',
      per job (outcomes.FinishCode): ok | stale | dead}; 'missing' (the batch was purged)
-    writes nothing but dropping the lease
+    writes nothing but dropping the lease. The run whose finish applied is kept in the job
+    (`w`), so the same finish resent after a lost reply answers ok for it and counts nothing
+    stale (its retry member, if the first reply was lost, is published by the reconciler).
   Events: job.completed per job made final (webhook_jobs), batch.completed if that finished it.
 ]]
-local kept = kept_reply()
-if kept then return kept end
 local token, max_attempts, ttl = ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6])
 if not batch_exists() then
   redis.call('ZREM', KEYS[8], ARGV[4])
@@ -38,10 +36,12 @@ for i = 11, #ARGV, 4 do
   local j, outcome, loc, err = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local job = load_job(j)
   local code = 'ok'
-  if not job or job.s ~= 'running' or job.t ~= token then
+  if job and job.w == token and job.t ~= token then
+    code = 'ok'  -- this run's finish, resent after a lost reply: applied already, not stale
+  elseif not job or job.s ~= 'running' or job.t ~= token then
     code = 'stale'; stale = stale + 1
   else
-    job.t = nil; job.d = nil; job.q = nil
+    job.t = nil; job.d = nil; job.q = nil; job.w = token
     local e = nil
     if err ~= '' then e = cjson.decode(err) end
     if outcome == 'done' or outcome == 'failed' then
@@ -85,4 +85,4 @@ local result = 'ok'
 if ended and try_finish() then result = 'completed' end
 table.insert(out, 1, rmember)
 table.insert(out, 1, result)
-return keep_reply(out)
+return out

@@ -4,7 +4,7 @@
 --   1 batch hash   2 job index (zset)   3 job states (hash: job id -> JSON)   4 webhook attempts
 --   5 finished (zset)   6 outbox (list)   7 dead letters (list)   8 leases (zset)
 --   9 unpublished (zset)   10 the batch queue's queued-images counter   11 owners (hash)
---   12 (claim_chunk, finish_chunk only) this call's reply, kept so a resent call answers alike
+--   12 (claim_chunk only) this call's reply, kept so a resent claim answers alike
 -- ARGV[1] batch id, ARGV[2] retention in seconds (0: keep).
 -- One clock: "now" is Redis' TIME, read here; no script takes a time from its caller (a worker
 -- or a reconciler with a skewed clock cannot move a deadline).
@@ -12,15 +12,15 @@ local B, RETENTION = ARGV[1], tonumber(ARGV[2])
 local T = redis.call('TIME')
 local NOW = tonumber(T[1]) + tonumber(T[2]) / 1000000
 local NOWS = string.format('%.3f', NOW)
-local REPLY_TTL = 120  -- seconds a claim's or finish's reply is kept for a resent call
+local REPLY_TTL = 120  -- seconds a claim's reply is kept for a resent claim
 local DEAD_LETTER_CAP = 10000
 
 local function is_final(s) return s == 'done' or s == 'failed' or s == 'cancelled' end
 
 local function batch_exists() return redis.call('HEXISTS', KEYS[1], 'created_at') == 1 end
 
--- A reply kept under KEYS[12] (claim_chunk, finish_chunk): the same call resent (redis-py
--- retries after a lost reply) answers as the first did and changes nothing.
+-- A reply kept under KEYS[12] (claim_chunk): the same claim resent (redis-py retries after a
+-- lost reply) answers as the first did and changes nothing.
 local function kept_reply()
   local raw = redis.call('GET', KEYS[12])
   if raw then return cjson.decode(raw) end
