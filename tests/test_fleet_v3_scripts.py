@@ -208,3 +208,69 @@ def test_purge_refuses_an_unfinished_batch_unless_forced(redis_url, capsys):
     left = [k for k in client.redis.scan_iter(f"*{sub.batch_id}*")]
     assert left == []
     assert json.loads(capsys.readouterr().out) == {"purged": [sub.batch_id]}
+
+
+class _ReplyDropper:
+    """A TCP proxy in front of redis-server that forwards the first request carrying `marker`,
+    lets Redis run it, then cuts the connection before the reply: a lost reply, which redis-py
+    answers by resending the same command on a new connection."""
+
+    def __init__(self, upstream_port: int, marker: bytes) -> None:
+        import socket
+        import threading
+
+        self.upstream_port, self.marker, self.seen, self.dropped = upstream_port, marker, 0, False
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pump, args=(client, up, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, requests: bool) -> None:
+        import time
+
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                if requests and self.marker in data:
+                    self.seen += 1
+                    if not self.dropped:
+                        self.dropped = True
+                        time.sleep(0.3)  # Redis has run it; the reply is cut off
+                        src.close()
+                        dst.close()
+                        return
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def test_a_claim_resent_after_a_lost_reply_answers_as_the_first(redis_server, redis_url):
+    import redis
+
+    db = int(redis_url.rsplit("/", 1)[1])
+    store = _store(redis_url)
+    _batch(store, 3)
+    proxy = _ReplyDropper(redis_server.port, b"lost-reply-token")
+    via = BatchStore(redis.Redis(port=proxy.port, db=db), retention=3600)
+    c = via.claim("b", ["j0", "j1", "j2"], token="lost-reply-token", **CLAIM)
+    assert proxy.dropped and proxy.seen == 2, "the claim was not resent"
+    assert c.runnable() == ["j0", "j1", "j2"]  # v2 answered busy: the resend saw its own token
+    assert [store.job("b", j)["runs"] for j in ("j0", "j1", "j2")] == ["1", "1", "1"]
+    assert counts(store.batch("b"))["running"] == 3 and store.r.zcard(LEASES_KEY) == 1
