@@ -179,13 +179,6 @@ def ssl_context() -> Any:
     return _ssl[0]
 
 
-def policy_for(
-    allow_private: bool, networks: Sequence[str] = (), setting: str = "allow_private_urls"
-) -> AddressPolicy:
-    """A policy from settings values (CIDR strings); ConfigError on a bad network."""
-    return AddressPolicy(bool(allow_private), parse_networks(networks), setting)
-
-
 def bucket_refusal(ref: str, allowed: Sequence[str]) -> str | None:
     """Why `s3://bucket/...` may not be read under the allow-list `allowed` (empty: any), or None.
 
