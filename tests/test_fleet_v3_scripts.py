@@ -212,8 +212,8 @@ def test_purge_refuses_an_unfinished_batch_unless_forced(redis_url, capsys):
 
 class _ReplyDropper:
     """A TCP proxy in front of redis-server that forwards the first request carrying `marker`,
-    lets Redis run it, then cuts the connection before the reply: a lost reply, which redis-py
-    answers by resending the same command on a new connection."""
+    swallows Redis' reply to it and cuts the connection: a lost reply, which redis-py answers
+    by resending the same command on a new connection."""
 
     def __init__(self, upstream_port: int, marker: bytes) -> None:
         import socket
@@ -234,31 +234,35 @@ class _ReplyDropper:
             except OSError:
                 return
             up = socket.create_connection(("127.0.0.1", self.upstream_port))
-            threading.Thread(target=self._pump, args=(client, up, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, client, False), daemon=True).start()
+            cut = threading.Event()
+            threading.Thread(target=self._requests, args=(client, up, cut), daemon=True).start()
+            threading.Thread(target=self._replies, args=(up, client, cut), daemon=True).start()
 
-    def _pump(self, src, dst, requests: bool) -> None:
-        import time
-
+    def _requests(self, client, up, cut) -> None:
         try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-                if requests and self.marker in data:
+            while data := client.recv(65536):
+                if self.marker in data:
                     self.seen += 1
-                    if not self.dropped:
+                    if not self.dropped:  # this one's reply is swallowed
                         self.dropped = True
-                        time.sleep(0.3)  # Redis has run it; the reply is cut off
-                        src.close()
-                        dst.close()
-                        return
+                        cut.set()
+                up.sendall(data)
         except OSError:
             pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+
+    def _replies(self, up, client, cut) -> None:
+        try:
+            while data := up.recv(65536):
+                if cut.is_set():  # Redis ran it; the reply never reaches the client
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        for s in (client, up):
+            try:
+                s.close()
+            except OSError:
+                pass
 
 
 def test_a_claim_resent_after_a_lost_reply_answers_as_the_first(redis_server, redis_url):
@@ -267,6 +271,9 @@ def test_a_claim_resent_after_a_lost_reply_answers_as_the_first(redis_server, re
     db = int(redis_url.rsplit("/", 1)[1])
     store = _store(redis_url)
     _batch(store, 3)
+    from scalecap.fleet.scripts import source
+
+    store.r.script_load(source("claim_chunk"))  # so the claim is one EVALSHA, not NOSCRIPT + EVAL
     proxy = _ReplyDropper(redis_server.port, b"lost-reply-token")
     via = BatchStore(redis.Redis(port=proxy.port, db=db), retention=3600)
     c = via.claim("b", ["j0", "j1", "j2"], token="lost-reply-token", **CLAIM)

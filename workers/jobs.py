@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import socket
 import threading
 import uuid
@@ -34,12 +33,13 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any
 
-from scalecap.errors import BackendError
+from scalecap.errors import BackendError, ConfigError, TerminalError
 from scalecap.fleet import failpoints
 from scalecap.fleet.outcomes import ClaimCode, FinishCode, RunOutcome
 from scalecap.fleet.protocol import BatchStore, Chunk, JobMessage, Outcome, batch_key
 from scalecap.fleet.sinks import Sink, SinkError, open_sink
-from scalecap.record import is_error
+from scalecap.record import error_record, is_error
+from scalecap.retry import backoff
 from scalecap.settings import Settings
 from workers.engine import EngineRuntime, JobTimeout, is_retryable_record
 from workers.leases import LeaseKeeper, Run
@@ -48,9 +48,8 @@ from workers.sink_gate import SinkGate
 log = logging.getLogger(__name__)
 
 
-def retry_delay(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
-    """Exponential backoff with jitter, in seconds."""
-    return min(cap, base * 2 ** max(0, attempt - 1)) * random.uniform(0.5, 1.0)
+RETRY_BASE, RETRY_CAP = 1.0, 60.0
+"""Seconds: a job's next run waits up to 1, 2, 4 ... s after its n-th run, at most 60 s."""
 
 
 def lease_seconds(settings: Settings) -> float:
@@ -301,7 +300,7 @@ def _run(ctx: JobContext, msg: JobMessage, meta: BatchMeta, refs: dict[str, str]
         return result.counts
     again = [o.job_id for o in outcomes if o.outcome in (RunOutcome.RETRY, RunOutcome.REQUEUE)]
     runs = max((int(v.get("runs", 1)) for v in store.jobs_view(b, again) if v), default=1)
-    retry_in = retry_delay(runs) if again else 0.0
+    retry_in = backoff(runs, RETRY_BASE, RETRY_CAP) if again else 0.0
     fin = store.finish(b, outcomes, token=token, lease=claim.lease, max_attempts=s.max_attempts,
                        queue=meta.queue, sink=meta.sink, retry_in=retry_in)
     failpoints.hit("after_finish")
@@ -321,7 +320,13 @@ def _write(ctx: JobContext, sink: Sink, url: str, b: str, j: str, ref: str,
     """Store one image's record under this run's key; what the finish script should make of it."""
     if isinstance(record, JobTimeout):
         return Outcome(j, RunOutcome.RETRY, error=_error("engine", record))
-    if isinstance(record, BaseException):  # the engine, or a bug: charged, bounded retries
+    if isinstance(record, TerminalError):
+        # Another run fails the same way (a config this engine cannot serve): the image fails
+        # now, with an error record naming it, uncharged and never dead-lettered.
+        log.warning("job %s of batch %s failed for good: %s", j, b, record)
+        stage = "config" if isinstance(record, ConfigError) else "worker"
+        record = error_record(_error(stage, record), {"job_id": j})
+    elif isinstance(record, BaseException):  # the engine, or a bug: charged, bounded retries
         stage = "engine" if isinstance(record, BackendError) else "worker"
         log.warning("job %s of batch %s failed: %s", j, b, record)
         return Outcome(j, RunOutcome.RETRY, error=_error(stage, record))
@@ -343,4 +348,4 @@ def _write(ctx: JobContext, sink: Sink, url: str, b: str, j: str, ref: str,
     return Outcome(j, RunOutcome.DONE, location)
 
 
-__all__ = ["JobContext", "LaneLock", "lease_seconds", "process_chunk", "retry_delay"]
+__all__ = ["JobContext", "LaneLock", "lease_seconds", "process_chunk"]
