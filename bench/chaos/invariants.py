@@ -245,7 +245,8 @@ def credited_record(s3: Any, states: dict[str, dict[str, Any]]) -> Check:
                                     f"not {job.get('r')}")
             if meta.get("job_id") not in (None, j):
                 c.violations.append(f"{b}/{j}: record at {loc} names job {meta.get('job_id')}")
-            credited, wrote = _token(job) or _location_token(key, j), _token(meta)
+            # The job's `w` (the token whose finish applied), else the token in the record's name.
+            credited, wrote = job.get("w") or _token(job) or _location_token(key, j), _token(meta)
             if credited and wrote and credited != wrote:
                 c.violations.append(f"{b}/{j}: record at {loc} was written by run {wrote}, the batch "
                                     f"credits run {credited}")
