@@ -67,6 +67,10 @@ def test_schedule_is_drawn_from_the_seed_alone_and_covers_every_kind():
     assert a == b and a != c
     assert {f.kind for f in a} == set(KINDS)
     assert all(0 <= f.at <= 0.8 * 120 for f in a)
+    from bench.chaos.faults import _lasts
+
+    short = draw_schedule(random.Random(5), 60, 3, KINDS)  # every fault heals within the phase
+    assert {f.kind for f in short} == set(KINDS) and all(f.at + _lasts(f) <= 60 for f in short)
     pause = [f for f in a if f.kind == "worker_pause"]
     from bench.chaos.fleet import LEASE_SECONDS
 

@@ -68,8 +68,21 @@ def draw_schedule(rng: random.Random, seconds: float, workers: int, kinds: tuple
     for i, kind in enumerate(order):
         # The first pass spreads one of each kind evenly; extras land anywhere.
         at = (i + rng.random()) * last / len(kinds) if i < len(kinds) else rng.uniform(3.0, last)
-        faults.append(_draw(rng, kind, min(at, last), workers))
+        f = _draw(rng, kind, min(at, last), workers)
+        # A fault (and its healing) ends within the phase where it can: the run stays bounded.
+        faults.append(replace(f, at=max(1.0, min(f.at, seconds - _lasts(f)))))
     return sorted(faults, key=lambda f: f.at)
+
+
+SLOW_HEAL = {"worker_kill": 15.0, "s3_down": 12.0, "redis_kill": 3.0, "clock_skew_worker": 30.0}
+"""Seconds a fault's healing may take beyond its own length (a worker starting on a loaded
+machine, SeaweedFS stopping and answering again, a skewed worker starting and shutting down)."""
+
+
+def _lasts(f: Fault) -> float:
+    if f.kind == "clock_skew_reconcile":
+        return f.seconds + 10.0 * f.level  # each skewed pass starts a process
+    return f.seconds + SLOW_HEAL.get(f.kind, 0.0)
 
 
 def _draw(rng: random.Random, kind: str, at: float, workers: int) -> Fault:
@@ -91,7 +104,7 @@ def _draw(rng: random.Random, kind: str, at: float, workers: int) -> Fault:
     if kind == "clock_skew_worker":
         return Fault(at, kind, rng.uniform(10.0, 20.0))
     if kind == "clock_skew_reconcile":
-        return Fault(at, kind, rng.uniform(2.0, 6.0), level=rng.randint(1, 3))
+        return Fault(at, kind, rng.uniform(2.0, 6.0), level=rng.randint(1, 2))
     if kind == "broker_delete":
         return Fault(at, kind, 0.0, level=rng.choice((0, 1, 2)))  # normal lane, quarantine, both
     if kind == "second_drainer":
