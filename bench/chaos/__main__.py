@@ -141,6 +141,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         quiet, state, waited = settle(fleet, batch_ids, args.settle, say)
         say(("quiet" if quiet else "NOT quiet") + f" after {waited} s: {state}")
         if not quiet:
+            r = fleet.redis_client()
+            try:
+                state += "; locks held: " + (", ".join(invariants.held_locks(r)) or "none")
+            finally:
+                r.close()
+            say(f"not quiet: {state}")
             for path in fleet.dump_stacks():
                 say(f"stacks: {path}")
         r = fleet.redis_client()

@@ -81,13 +81,23 @@ class Worker:
         except FileNotFoundError:
             return ""
 
-    def start(self, timeout: float = 120.0, wait: bool = True) -> Worker:
-        seen = len(self._log())
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         cwd=REPO, start_new_session=True)
-        if wait:
-            self.wait_ready(timeout, seen)
+    def start(self, timeout: float = 120.0, wait: bool = True, tries: int = 3) -> Worker:
+        """Start it; one that exits while starting (Redis cut off just then) is started again, as
+        a supervisor (systemd, Kubernetes) would."""
+        for attempt in range(tries):
+            seen = len(self._log())
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                             cwd=REPO, start_new_session=True)
+            if not wait:
+                return self
+            try:
+                self.wait_ready(timeout, seen)
+                return self
+            except RuntimeError:
+                if self.alive or attempt + 1 == tries:
+                    raise
+                time.sleep(2.0)
         return self
 
     def wait_ready(self, timeout: float = 120.0, seen: int = 0) -> None:

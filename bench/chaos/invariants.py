@@ -142,6 +142,11 @@ def quiet(r: Any, batch_ids: list[str]) -> tuple[bool, str]:
                 f"{unacked} webhook tasks unacked")
 
 
+def held_locks(r: Any) -> list[str]:
+    """The fleet's maintenance locks now held, with the seconds they still hold (why no pass runs)."""
+    return [f"{_s(k)} ({r.pttl(k) / 1000:.0f} s left)" for k in r.scan_iter(match="scalecap:lock:*")]
+
+
 def _routing_key(raw: Any) -> str:
     try:
         return str(json.loads(raw)[2])
