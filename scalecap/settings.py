@@ -59,6 +59,9 @@ class Settings:
     """A separate Redis for the Redis results sink (default: the broker's)."""
     max_queued: int = 0
     """Submit backpressure: above this many images queued for a model the producer waits (0: off)."""
+    submit_timeout: float = 600.0
+    """Seconds a submission session may go without registering jobs before the reconciler closes it
+    (its producer is taken as gone; the batch then finishes with what was registered)."""
     reconcile_interval: float = 30.0
     """Seconds between the I/O worker's reconcile passes (lost messages, expired leases, retention)."""
     webhook_retry_max_delay: float = 300.0

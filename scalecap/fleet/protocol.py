@@ -327,6 +327,10 @@ class BatchStore:
         self.retention = int(retention)
         self._scripts = {name: redis_client.register_script(_source(name)) for name in SCRIPTS}
 
+    def script_keys(self, batch_id: str, queue: str = "") -> list[str]:
+        """The 11 KEYS every script receives (lib.lua); scripts outside this class add theirs after."""
+        return self._keys(batch_id, queue)
+
     def _keys(self, batch_id: str, queue: str = "") -> list[str]:
         return [batch_key(batch_id), batch_jobs_key(batch_id), job_states_key(batch_id),
                 webhook_attempts_key(batch_id), FINISHED_KEY, OUTBOX_KEY, DEAD_LETTER_KEY,

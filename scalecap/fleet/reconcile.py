@@ -29,6 +29,7 @@ from scalecap.fleet.protocol import (
     BatchStore,
     Chunk,
 )
+from scalecap.fleet.sessions import close_expired
 from scalecap.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Report:
     events: int = 0
     retries_due: int = 0
     forgotten_batches: int = 0
+    closed_sessions: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -132,9 +134,10 @@ class Reconciler:
                 self.store.published(chunk.member)
                 rep.published_chunks += 1
             rep.forgotten_batches = self.store.forget_expired(now, limit)
+            rep.closed_sessions = close_expired(self.store, s.submit_timeout, limit)
         finally:
             self._unlock(RECONCILE_LOCK)
-        if rep.expired_leases or rep.published_chunks:
+        if rep.expired_leases or rep.published_chunks or rep.closed_sessions:
             log.info("reconcile: %s", rep.to_dict())
         return rep
 
