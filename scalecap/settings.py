@@ -65,6 +65,9 @@ class Settings:
     reconcile_interval: float = 30.0
     """Seconds between the I/O worker's reconcile passes (lost messages, expired leases, retention)."""
     webhook_retry_max_delay: float = 300.0
+    webhook_lease: float = 300.0
+    """Seconds an event handed to a delivery task stays hidden; unsettled by then (its task or
+    worker lost, a Redis error in it), it is handed over again."""
     """Longest wait between two attempts of one webhook event (seconds)."""
     s3_endpoint_url: str | None = None
     s3_access_key_id: str | None = None

@@ -8,27 +8,19 @@ memory for an ETA.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
-import time
 from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
 
 from scalecap.fleet.protocol import (
-    EVENT_JOB_COMPLETED,
     TASK_CAPTION,
     TASK_WEBHOOK,
-    WEBHOOK_ATTEMPTS_KEPT,
-    WEBHOOK_RETRIES_KEY,
     Chunk,
     JobMessage,
-    batch_key,
-    counts,
-    webhook_attempts_key,
 )
 from scalecap.settings import Settings
 
@@ -115,66 +107,11 @@ def register_tasks(app: Celery) -> Celery:
             raise self.retry(countdown=2.0, exc=exc) from exc
 
     @app.task(name=TASK_WEBHOOK, bind=True, max_retries=0, acks_late=True)
-    def deliver_webhook(self: Any, event: dict[str, Any]) -> bool:
-        """One attempt at one event; a retryable failure is scheduled, not slept on."""
-        from workers.webhook_delivery import deliver_event, event_payload
+    def deliver_webhook(self: Any, event: dict[str, Any], member: str | None = None) -> bool:
+        """One attempt at one handed-over event (workers/webhook_task.py); an error leaves it due."""
+        from workers.webhook_task import deliver_webhook_event
 
-        ctx = context()
-        batch_id, kind, job_id = event["batch_id"], event["type"], event.get("job_id")
-        attempt = int(event.get("attempt", 1))
-        batch = ctx.store.batch(batch_id)
-        if not batch or not batch.get("webhook"):
-            return False
-        key = webhook_attempts_key(batch_id)
-        if kind == EVENT_JOB_COMPLETED and job_id:
-            job = ctx.store.job(batch_id, job_id) or {}
-            payload = event_payload(kind, batch_id, counts(batch), job.get("location") or None,
-                                    job_id=job_id, status=job.get("state"), timestamp=_iso(event.get("at")))
-        else:
-            status = "cancelled" if batch.get("cancel_requested") == "1" else "completed"
-            payload = event_payload(kind, batch_id, counts(batch), results_location(batch, batch_id),
-                                    status=status, timestamp=_iso(event.get("at")))
-        secret = webhook_secret(ctx.redis, batch, settings.webhook_secret)
-
-        def record(entry: dict[str, Any]) -> None:
-            pipe = ctx.redis.pipeline(transaction=False)
-            pipe.rpush(key, json.dumps({"type": kind, "webhook_id": event["id"],
-                                        **({"job_id": job_id} if job_id else {}), **entry}))
-            pipe.ltrim(key, -WEBHOOK_ATTEMPTS_KEPT, -1)
-            if settings.retention > 0:
-                pipe.expire(key, settings.retention)
-            pipe.execute()
-
-        if not secret:
-            log.error("batch %s: no SCALECAP_WEBHOOK_SECRET on this worker; webhook not sent", batch_id)
-            record({"attempt": 0, "status": None, "error": "no webhook secret configured"})
-            return False
-        started = time.monotonic()
-        outcome = deliver_event(
-            batch["webhook"], payload, secret=secret, redis_client=None, attempts_key=key,
-            timeout=settings.webhook_timeout, max_attempts=1, allow_private=settings.allow_private_urls,
-            msg_id=event["id"],
-        )
-        record({"attempt": attempt, "at": _iso(time.time()), "status": outcome.last_status,
-                "error": outcome.last_error, "duration_ms": round((time.monotonic() - started) * 1000, 1)})
-        status_field = None
-        if outcome.delivered:
-            status_field = "delivered"
-        else:
-            st = outcome.last_status
-            retryable = outcome.attempts > 0 and (st is None or st >= 500 or st in _RETRY_STATUSES)
-            if retryable and attempt < settings.webhook_max_attempts:
-                delay = webhook_retry_delay(attempt, settings.webhook_retry_max_delay)
-                if outcome.retry_after is not None:  # the receiver said when to come back
-                    delay = min(float(outcome.retry_after), settings.webhook_retry_max_delay)
-                due = time.time() + delay
-                ctx.redis.zadd(WEBHOOK_RETRIES_KEY, {json.dumps({**event, "attempt": attempt + 1}): due})
-                status_field = "retrying"
-            else:
-                status_field = "failed"
-        if kind != EVENT_JOB_COMPLETED:
-            ctx.redis.hset(batch_key(batch_id), "webhook_status", status_field)
-        return outcome.delivered
+        return deliver_webhook_event(context(), settings, event, member)
 
     app.conf.scalecap_tasks = {"caption": caption, "deliver_webhook": deliver_webhook}
     app.conf.scalecap_context = context

@@ -8,7 +8,9 @@ Points (where they sit): `after_claim` (a worker claimed a chunk, nothing run), 
 (records written, the finish script not run), `after_finish` (state final, before anything
 else, e.g. before the I/O worker drains the outbox), `submit_after_register` (the producer
 registered a chunk of jobs but has not published it), `before_publish_retry` (a worker is about
-to publish a chunk queued again).
+to publish a chunk queued again), `drain_after_take` (a drainer took an event from the outbox,
+its webhook task not yet published), `webhook_after_send` (the webhook was POSTed, the attempt
+not yet recorded nor the event settled).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 
 ENV = "SCALECAP_FAILPOINT"
 POINTS = ("after_claim", "after_sink_write", "after_finish", "submit_after_register",
-          "before_publish_retry")
+          "before_publish_retry", "drain_after_take", "webhook_after_send")
 
 
 class FailpointError(RuntimeError):

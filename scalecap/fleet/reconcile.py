@@ -8,24 +8,18 @@ skip final and busy jobs), an event sent twice keeps its webhook-id.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from scalecap.fleet.outbox import Outbox
 from scalecap.fleet.protocol import (
-    EVENT_JOB_COMPLETED,
-    IO_JOBS_QUEUE,
-    IO_QUEUE,
     LEASES_KEY,
-    OUTBOX_KEY,
     PREFIX,
     TASK_CAPTION,
-    TASK_WEBHOOK,
     UNPUBLISHED_KEY,
-    WEBHOOK_RETRIES_KEY,
     BatchStore,
     Chunk,
 )
@@ -34,7 +28,6 @@ from scalecap.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DRAIN_LOCK = PREFIX + "lock:drain"
 RECONCILE_LOCK = PREFIX + "lock:reconcile"
 
 
@@ -46,12 +39,6 @@ def publish_chunk(app: Any, chunk: Chunk, k: int, countdown: float = 0.0) -> int
                       countdown=countdown or None)
         n += 1
     return n
-
-
-def event_lane(event: dict[str, Any]) -> str:
-    """Batch events and per-job events have their own lanes: a batch event never waits behind
-    thousands of job events."""
-    return IO_JOBS_QUEUE if event.get("type") == EVENT_JOB_COMPLETED else IO_QUEUE
 
 
 @dataclass
@@ -87,27 +74,10 @@ class Reconciler:
     # --- events -------------------------------------------------------------------------
 
     def drain(self, limit: int = 500) -> Report:
-        """Outbox events and webhook retries that are due become webhook tasks in their lane."""
-        rep = Report()
-        if not self._lock(DRAIN_LOCK, 30):
-            return rep
-        try:
-            items = self.r.lrange(OUTBOX_KEY, 0, limit - 1)
-            for raw in items:
-                event = json.loads(raw)
-                self.app.send_task(TASK_WEBHOOK, args=[event], queue=event_lane(event))
-            if items:
-                self.r.ltrim(OUTBOX_KEY, len(items), -1)  # only what was sent; new ones stay
-            rep.events = len(items)
-            due = self.r.zrangebyscore(WEBHOOK_RETRIES_KEY, "-inf", time.time(), start=0, num=limit)
-            for raw in due:
-                event = json.loads(raw)
-                self.app.send_task(TASK_WEBHOOK, args=[event], queue=event_lane(event))
-                self.r.zrem(WEBHOOK_RETRIES_KEY, raw)
-            rep.retries_due = len(due)
-        finally:
-            self._unlock(DRAIN_LOCK)
-        return rep
+        """Outbox events and due webhook retries become webhook tasks in their lane, one atomic
+        hand-over each (scalecap/fleet/outbox.py): no lock, and nothing lost on any error."""
+        drained = Outbox(self.r, self.settings.webhook_lease).drain(self.app, limit)
+        return Report(events=drained.events, retries_due=drained.retries_due)
 
     # --- jobs ---------------------------------------------------------------------------
 

@@ -1,0 +1,100 @@
+"""The webhook task's body: one attempt at one handed-over event, settled only at the end.
+
+The drainer handed the event over as `member` (scalecap/fleet/outbox.py): it is pending, due
+again when its lease lapses. This attempt settles it (delivered, refused for good, or replaced by
+its next attempt due after the backoff) as its LAST step, so a Redis or network error anywhere
+before that, or a worker killed mid-way, leaves the event due: it is handed over again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from scalecap.fleet import failpoints
+from scalecap.fleet.outbox import PENDING_KEY, Outbox
+from scalecap.fleet.protocol import (
+    EVENT_JOB_COMPLETED,
+    WEBHOOK_ATTEMPTS_KEPT,
+    batch_key,
+    counts,
+    webhook_attempts_key,
+)
+from scalecap.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def deliver_webhook_event(ctx: Any, settings: Settings, event: dict[str, Any], member: str | None) -> bool:
+    """Build the thin payload, POST it once, record the attempt, then settle the event."""
+    from workers.tasks import _RETRY_STATUSES, _iso, results_location, webhook_retry_delay, webhook_secret
+    from workers.webhook_delivery import deliver_event, event_payload
+
+    outbox = Outbox(ctx.redis, settings.webhook_lease)
+
+    def settle(next_attempt: dict[str, Any] | None = None, delay: float = 0.0) -> None:
+        if member is not None:
+            outbox.settle(member, next_attempt, delay)
+        elif next_attempt is not None:  # a message from before hand-overs: schedule as it did
+            ctx.redis.zadd(PENDING_KEY, {json.dumps(next_attempt, sort_keys=True): time.time() + delay})
+
+    batch_id, kind, job_id = event["batch_id"], event["type"], event.get("job_id")
+    attempt = int(event.get("attempt", 1))
+    batch = ctx.store.batch(batch_id)
+    if not batch or not batch.get("webhook"):
+        settle()  # purged, or no webhook: nothing to deliver
+        return False
+    key = webhook_attempts_key(batch_id)
+    if kind == EVENT_JOB_COMPLETED and job_id:
+        job = ctx.store.job(batch_id, job_id) or {}
+        payload = event_payload(kind, batch_id, counts(batch), job.get("location") or None,
+                                job_id=job_id, status=job.get("state"), timestamp=_iso(event.get("at")))
+    else:
+        status = "cancelled" if batch.get("cancel_requested") == "1" else "completed"
+        payload = event_payload(kind, batch_id, counts(batch), results_location(batch, batch_id),
+                                status=status, timestamp=_iso(event.get("at")))
+    secret = webhook_secret(ctx.redis, batch, settings.webhook_secret)
+
+    def record(entry: dict[str, Any], status_field: str | None) -> None:
+        pipe = ctx.redis.pipeline(transaction=False)
+        pipe.rpush(key, json.dumps({"type": kind, "webhook_id": event["id"],
+                                    **({"job_id": job_id} if job_id else {}), **entry}))
+        pipe.ltrim(key, -WEBHOOK_ATTEMPTS_KEPT, -1)
+        if settings.retention > 0:
+            pipe.expire(key, settings.retention)
+        if status_field and kind != EVENT_JOB_COMPLETED:
+            pipe.hset(batch_key(batch_id), "webhook_status", status_field)
+        pipe.execute()
+
+    if not secret:
+        log.error("batch %s: no SCALECAP_WEBHOOK_SECRET on this worker; webhook not sent", batch_id)
+        record({"attempt": 0, "status": None, "error": "no webhook secret configured"}, "failed")
+        settle()
+        return False
+    started = time.monotonic()
+    outcome = deliver_event(
+        batch["webhook"], payload, secret=secret, redis_client=None, attempts_key=key,
+        timeout=settings.webhook_timeout, max_attempts=1, allow_private=settings.allow_private_urls,
+        msg_id=event["id"],
+    )
+    failpoints.hit("webhook_after_send")
+    st = outcome.last_status
+    retryable = not outcome.delivered and outcome.attempts > 0 and (
+        st is None or st >= 500 or st in _RETRY_STATUSES)
+    retry = retryable and attempt < settings.webhook_max_attempts
+    status_field = "delivered" if outcome.delivered else "retrying" if retry else "failed"
+    record({"attempt": attempt, "at": _iso(time.time()), "status": st, "error": outcome.last_error,
+            "duration_ms": round((time.monotonic() - started) * 1000, 1)}, status_field)
+    if retry:
+        delay = webhook_retry_delay(attempt, settings.webhook_retry_max_delay)
+        if outcome.retry_after is not None:  # the receiver said when to come back
+            delay = min(float(outcome.retry_after), settings.webhook_retry_max_delay)
+        settle({**event, "attempt": attempt + 1}, delay)
+    else:
+        settle()
+    return outcome.delivered
+
+
+__all__ = ["deliver_webhook_event"]
