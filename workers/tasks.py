@@ -1,9 +1,9 @@
 """Celery task bindings: thin wrappers over workers.jobs (the protocol) and webhook delivery.
 
-The webhook task makes one attempt per delivery; a retryable failure schedules the next attempt
-in the `webhook_retries` sorted set (due time = backoff), which the I/O worker's maintenance
-loop moves back into the event's lane when due. No task sleeps, and nothing waits in a worker's
-memory for an ETA.
+The webhook task makes one attempt per delivery (workers/webhook_task.py); a retryable failure
+replaces the pending event in the `webhook_retries` sorted set by its next attempt (due time =
+backoff), which the I/O worker's maintenance loop hands back to the event's lane when due. No
+task sleeps, and nothing waits in a worker's memory for an ETA.
 """
 
 from __future__ import annotations
