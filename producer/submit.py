@@ -21,7 +21,7 @@ from scalecap.errors import ConfigError
 from scalecap.fleet import failpoints
 from scalecap.fleet.protocol import TASK_CAPTION, check_batch_id, fleet_job_id, gpu_queue, new_batch_id
 from scalecap.fleet.redact import redact_url
-from scalecap.fleet.sessions import Closed, Sessions
+from scalecap.fleet.sessions import Closed, SessionReply, Sessions
 from scalecap.netguard import bucket_refusal
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def submit(client: Any, source: Iterable[Any] | str, opts: SubmitOptions, *,
             log.warning("batch %s: session %s not closed (%s); the reconciler will", batch_id, session,
                         type(exc).__name__)
         raise
-    result.completed = sessions.close(batch_id, session, Closed.OK) == "completed"  # event in the outbox
+    result.completed = sessions.close(batch_id, session, Closed.OK) == SessionReply.COMPLETED  # event: outbox
     return result
 
 

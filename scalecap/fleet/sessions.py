@@ -33,6 +33,23 @@ class Closed(StrEnum):
     """Closed by the reconciler past its deadline."""
 
 
+class SessionReply(StrEnum):
+    """What the session scripts answer (each script's header lists its own)."""
+
+    OPENED = "opened"
+    OPEN = "open"
+    """open_session: already open (a resent call); close_session: other sessions remain."""
+    OK = "ok"
+    COMPLETED = "completed"
+    """close_session: this close finished the batch (its event is in the outbox)."""
+    ALIVE = "alive"
+    """close_session with only_if_due: the deadline has not passed."""
+    DROPPED = "dropped"
+    """close_session: the batch was never created; the session's fields are deleted."""
+    GONE = "gone"
+    """Not open (closed already: a resent call, or the reconciler closed it)."""
+
+
 class SessionGone(RuntimeError):
     """The session was closed meanwhile (by the reconciler: this producer was taken as gone)."""
 
@@ -58,23 +75,23 @@ class Sessions:
         self._scripts = {name: self.store.r.register_script(script_source(name))
                          for name in ("open_session", "touch_session", "close_session")}
 
-    def _run(self, name: str, batch_id: str, args: list[Any]) -> str:
+    def _run(self, name: str, batch_id: str, args: list[Any]) -> SessionReply:
         keys = [*self.store.script_keys(batch_id), SESSIONS_KEY]
         res = self._scripts[name](keys=keys, args=[batch_id, now(), self.store.retention, *args])
-        return res.decode() if isinstance(res, bytes) else str(res)
+        return SessionReply(res.decode() if isinstance(res, bytes) else str(res))
 
-    def open(self, batch_id: str, session: str, scope: Scope | None = None) -> str:
+    def open(self, batch_id: str, session: str, scope: Scope | None = None) -> SessionReply:
         """Open (before create_batch); the scope is stored when this session creates the batch."""
         return self._run("open_session", batch_id, [session, scope_json(scope), int(self.timeout)])
 
     def touch(self, batch_id: str, session: str) -> None:
         """Push the deadline back; SessionGone when the reconciler has closed it."""
-        if self._run("touch_session", batch_id, [session, "", int(self.timeout)]) == "gone":
+        if self._run("touch_session", batch_id, [session, "", int(self.timeout)]) == SessionReply.GONE:
             raise SessionGone(f"submission to batch {batch_id} was closed after "
                               f"{self.timeout:g} s without a register (SCALECAP_SUBMIT_TIMEOUT)")
 
     def close(self, batch_id: str, session: str, how: Closed = Closed.OK, *, only_if_due: bool = False
-              ) -> str:
+              ) -> SessionReply:
         """'completed' when this close finished the batch; see close_session.lua for the rest."""
         return self._run("close_session", batch_id, [session, str(how), "1" if only_if_due else "0"])
 
@@ -96,9 +113,10 @@ def close_expired(store: BatchStore, timeout: float, limit: int = 1000) -> int:
     sessions = Sessions(store, timeout)
     n = 0
     for batch_id, session in list(sessions.due(limit)):
-        if sessions.close(batch_id, session, Closed.ABANDONED, only_if_due=True) not in ("alive", "gone"):
+        reply = sessions.close(batch_id, session, Closed.ABANDONED, only_if_due=True)
+        if reply not in (SessionReply.ALIVE, SessionReply.GONE):
             n += 1
     return n
 
 
-__all__ = ["SESSIONS_KEY", "Closed", "SessionGone", "Sessions", "close_expired"]
+__all__ = ["SESSIONS_KEY", "Closed", "SessionGone", "SessionReply", "Sessions", "close_expired"]

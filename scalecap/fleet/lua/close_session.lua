@@ -1,13 +1,18 @@
--- Close submission session ARGV[4] of batch B. When it was the last open one, submission is
--- closed (closed=1) and the batch finishes here if every job is final (try_finish: its
--- batch.completed event and its retention TTL in this same script).
--- KEYS: 1 batch hash (the 11 shared keys, lib.lua), 12 sessions (zset: 'B S' -> deadline).
--- ARGV: 4 session id, 5 how it ended: 'ok' | 'failed' (the producer gave up) | 'abandoned'
---       (the reconciler, past its deadline), 6 '1': only if its deadline (Redis TIME) has passed.
--- A session that did not end 'ok' on a batch with no job at all cancels the batch.
--- Returns 'completed' | 'ok' (closed, not finished) | 'open' (other sessions remain) |
---   'dropped' (the batch was never created: the session's fields are deleted) |
---   'alive' (deadline not passed) | 'gone' (not open: closed already, a resent call).
+--[[ close_session: close session S of batch B. When it was the last open one, submission is
+  closed (closed=1) and the batch finishes here if every job is final (try_finish: its
+  batch.completed event and its retention TTL in this same script). A session that did not end
+  'ok' on a batch with no job at all cancels the batch.
+  KEYS (the 11 every script receives, lib.lua, then one of its own):
+    KEYS[1] batch hash   KEYS[12] sessions (zset: 'B S' -> deadline)   try_finish: KEYS[1..6]
+  ARGV:
+    [4] session id  [5] how it ended: 'ok' | 'failed' (the producer gave up) | 'abandoned' (the
+    reconciler, past its deadline)  [6] '1': only if its deadline (Redis TIME) has passed
+  Replies:
+    'completed', 'ok' (closed, not finished), 'open' (other sessions remain), 'alive' (deadline
+    not passed), 'dropped' (the batch was never created: the session's fields are deleted),
+    'gone' (not open: closed already, a resent call)
+  Events: batch.completed if that finished the batch.
+]]
 local S, how = ARGV[4], ARGV[5]
 local member = B .. ' ' .. S
 if ARGV[6] == '1' then

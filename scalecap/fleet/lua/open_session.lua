@@ -1,11 +1,15 @@
--- Open submission session ARGV[4] on batch B. Run BEFORE create_batch, so a concurrent session
--- of the same batch that closes meanwhile sees this one open and does not finish the batch.
--- KEYS: 1 batch hash (the 11 shared keys, lib.lua), 12 sessions (zset: 'B S' -> deadline).
--- ARGV: 4 session id, 5 scope JSON ('' fleet-wide; kept from the batch's first session),
---       6 timeout in seconds (the deadline is Redis TIME + timeout).
--- Writes: batch fields session:<id>, sessions (open count), scope (if new). A batch cancelled
--- before it held any job (an upload that failed at once) loses its cancel: it may be retried.
--- Returns 'opened' | 'open' (already open: a resent call).
+--[[ open_session: open submission session S on batch B, BEFORE create_batch, so a concurrent
+  session of the same batch that closes meanwhile sees this one open and does not finish it.
+  KEYS (the 11 every script receives, lib.lua, then one of its own):
+    KEYS[1] batch hash   KEYS[12] sessions (zset: 'B S' -> deadline, Redis time)
+  ARGV:
+    [4] session id  [5] scope JSON ('' fleet-wide; stored only when this session creates the batch)
+    [6] timeout in seconds (the deadline is Redis TIME + timeout)
+  Writes: batch fields session:<id>, sessions (open count), scope (new batch). A batch cancelled
+  before it held any job (an upload that failed at once) loses its cancel: it may be retried.
+  Replies:
+    'opened', 'open' (already open: a resent call)
+]]
 local S = ARGV[4]
 if redis.call('HSETNX', KEYS[1], 'session:' .. S, '1') == 0 then return 'open' end
 redis.call('HINCRBY', KEYS[1], 'sessions', 1)

@@ -1,10 +1,14 @@
--- Hand one webhook event over to a delivery task, atomically: it moves into the pending set
--- with a lease, so it is due again unless its task settles it (settle_event.lua) first.
--- Loaded alone (no lib.lua). Times are Redis TIME, never the caller's clock.
--- KEYS: 1 outbox (list, RPUSHed by the transitions), 2 pending (zset: event JSON -> due time).
--- ARGV: 1 'new' (the oldest outbox event) | 'due' (a pending event whose time has come: a retry,
---       or a hand-over whose task was lost), 2 lease in seconds.
--- Returns the event JSON, or false when there is none.
+--[[ take_event: hand one webhook event over to a delivery task, atomically. It moves into the
+  pending set with a lease, so it is due again unless its task settles it (settle_event) first.
+  Loaded alone (no lib.lua); times are Redis TIME, never the caller's clock.
+  KEYS:
+    KEYS[1] outbox (list, RPUSHed by the transitions)   KEYS[2] pending (zset: event JSON -> due)
+  ARGV:
+    [1] 'new' (the oldest outbox event) | 'due' (a pending event whose time has come: a retry, or
+    a hand-over whose task was lost)  [2] lease in seconds
+  Replies:
+    the event JSON, or false when there is none
+]]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ev
