@@ -99,3 +99,21 @@ def test_a_redis_error_inside_the_webhook_task_leaves_the_event_due(fleet: Fleet
     wait_until(lambda: c.redis.zcard(PENDING_KEY) == 0, timeout=30, what="the event settled")
     st = c.status("wrongtype")
     assert st["webhook_status"] == "delivered" and st["webhook_attempts_total"] >= 1
+
+
+def test_a_publish_that_fails_leaves_the_event_due(redis_url):
+    """The broker refuses the webhook task's message: the event, already handed over, is not
+    lost; when its lease lapses the next drain hands it over again."""
+    from scalecap.fleet.app import create_app
+    from tests.fixtures_services import free_ports
+
+    c = FleetClient(Settings(broker_url=redis_url))
+    ids = _events(c, 1, "p")
+    dead = create_app(Settings(broker_url=f"redis://127.0.0.1:{free_ports(1)[0]}/0"))
+    outbox = Outbox(c.redis, lease=0.5)
+    with pytest.raises(Exception):  # noqa: B017 - kombu's connection error, whatever its class
+        outbox.drain(dead)
+    assert c.redis.llen(OUTBOX_KEY) == len(ids) - 1 and outbox.pending() == 1
+    time.sleep(0.6)
+    assert outbox.drain(c.app).retries_due == 1  # the one that failed, due again
+    assert set(_sent_ids(c.redis)) == ids and outbox.pending() == len(ids)
