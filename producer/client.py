@@ -64,7 +64,7 @@ class FleetClient:
         return self._sinks[url]
 
     def _s3_client(self) -> Any:
-        from scalecap.fleet.sinks import s3_client
+        from scalecap.images import s3_client
 
         return s3_client(self.settings)
 

@@ -22,7 +22,7 @@ from scalecap.fleet import failpoints
 from scalecap.fleet.protocol import TASK_CAPTION, check_batch_id, fleet_job_id, gpu_queue, new_batch_id
 from scalecap.fleet.redact import redact_url
 from scalecap.fleet.sessions import Closed, SessionReply, Sessions
-from scalecap.netguard import bucket_refusal
+from scalecap.images import bucket_refusal
 
 log = logging.getLogger(__name__)
 

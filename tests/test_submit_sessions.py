@@ -87,7 +87,7 @@ def test_an_abandoned_submit_is_closed_by_the_reconciler_and_its_keys_get_their_
     images = make_images(fleet.tmp / "imgs", ["red", "green", "blue"])
     args = ["submit", *map(str, images), "--model", "scripted", "--batch-id", "gone", "--broker-url",
             fleet.redis_url]
-    code = f"import sys; from producer.cli import main; sys.exit(main({args!r}))"
+    code = f"import sys; from scalecap_command import main; sys.exit(main({args!r}))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           env={**fleet.env, "SCALECAP_FAILPOINT": "submit_after_register:exit"}, timeout=120)
     assert proc.returncode == 137, proc.stderr[-2000:]

@@ -9,9 +9,7 @@ task sleeps, and nothing waits in a worker's memory for an ETA.
 from __future__ import annotations
 
 import logging
-import random
 import threading
-from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
@@ -23,55 +21,11 @@ from scalecap.fleet.protocol import (
     JobMessage,
 )
 from scalecap.settings import Settings
+from workers.webhook_task import results_location, webhook_secret  # noqa: F401 (their old home)
 
 log = logging.getLogger(__name__)
 
 _ctx_lock = threading.Lock()
-_RETRY_STATUSES = frozenset({408, 425, 429})
-
-
-def results_location(batch: dict[str, str], batch_id: str) -> str:
-    """Where a batch's records are, for thin payloads: an S3 prefix or the Redis key prefix.
-
-    Complete: a record reused from an earlier batch is copied under this batch's prefix."""
-    sink = batch.get("sink", "")
-    if sink.startswith("s3://"):
-        return f"{sink.rstrip('/')}/{batch_id}/"
-    return f"redis://scalecap:result:{batch_id}:"
-
-
-def webhook_retry_delay(attempt: int, cap: float) -> float:
-    """Seconds before attempt `attempt + 1`: 2, 8, 32, 128 s ... up to `cap`, equal jitter."""
-    full = min(cap, 2.0 * 4 ** max(0, attempt - 1))
-    return full / 2 + random.uniform(0, full / 2)
-
-
-def webhook_secret(redis_client: Any, batch: dict[str, str], default: str | None) -> str | None:
-    """The batch owner's own secret (HTTP API keys) when there is one, else the fleet's."""
-    owner = batch.get("owner")
-    if owner:
-        try:
-            from scalecap.fleet.keys import KeyStore  # the HTTP API's key store, when installed
-        except ImportError:
-            KeyStore = None
-        if KeyStore is not None:
-            try:
-                secret = KeyStore(redis_client).webhook_secret(owner)
-            except Exception as exc:  # a broken key record must not stop the fleet's webhooks
-                log.warning("batch owner %s: webhook secret lookup failed: %s", owner, exc)
-                secret = None
-            if secret:
-                return secret
-    return default
-
-
-def _iso(at: Any) -> str | None:
-    try:
-        t = datetime.fromtimestamp(float(at), UTC)
-    except (TypeError, ValueError):
-        return None
-    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
 
 def register_tasks(app: Celery) -> Celery:
     """Add the fleet's tasks to `app` (a worker's; producers only send by name)."""

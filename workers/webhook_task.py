@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from scalecap.fleet import failpoints
@@ -26,10 +28,54 @@ from scalecap.settings import Settings
 
 log = logging.getLogger(__name__)
 
+_RETRY_STATUSES = frozenset({408, 425, 429})
+
+
+def results_location(batch: dict[str, str], batch_id: str) -> str:
+    """Where a batch's records are, for thin payloads: an S3 prefix or the Redis key prefix.
+
+    Complete: a record reused from an earlier batch is copied under this batch's prefix."""
+    sink = batch.get("sink", "")
+    if sink.startswith("s3://"):
+        return f"{sink.rstrip('/')}/{batch_id}/"
+    return f"redis://scalecap:result:{batch_id}:"
+
+
+def webhook_retry_delay(attempt: int, cap: float) -> float:
+    """Seconds before attempt `attempt + 1`: 2, 8, 32, 128 s ... up to `cap`, equal jitter."""
+    full = min(cap, 2.0 * 4 ** max(0, attempt - 1))
+    return full / 2 + random.uniform(0, full / 2)
+
+
+def webhook_secret(redis_client: Any, batch: dict[str, str], default: str | None) -> str | None:
+    """The batch owner's own secret (HTTP API keys) when there is one, else the fleet's."""
+    owner = batch.get("owner")
+    if owner:
+        try:
+            from scalecap.fleet.keys import KeyStore  # the HTTP API's key store, when installed
+        except ImportError:
+            KeyStore = None
+        if KeyStore is not None:
+            try:
+                secret = KeyStore(redis_client).webhook_secret(owner)
+            except Exception as exc:  # a broken key record must not stop the fleet's webhooks
+                log.warning("batch owner %s: webhook secret lookup failed: %s", owner, exc)
+                secret = None
+            if secret:
+                return secret
+    return default
+
+
+def _iso(at: Any) -> str | None:
+    try:
+        t = datetime.fromtimestamp(float(at), UTC)
+    except (TypeError, ValueError):
+        return None
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
 
 def deliver_webhook_event(ctx: Any, settings: Settings, event: dict[str, Any], member: str | None) -> bool:
     """Build the thin payload, POST it once, record the attempt, then settle the event."""
-    from workers.tasks import _RETRY_STATUSES, _iso, results_location, webhook_retry_delay, webhook_secret
     from workers.webhook_delivery import deliver_event, event_payload
 
     outbox = Outbox(ctx.redis, settings.webhook_lease)

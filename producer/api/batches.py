@@ -40,7 +40,7 @@ from producer.sources import SourceRow, expand, manifest_rows
 from producer.submit_model import BATCH_ID_PATTERN, SubmitOptions, api_fields
 from scalecap.errors import ConfigError
 from scalecap.fleet.keys import ApiKey
-from scalecap.netguard import bucket_refusal
+from scalecap.images import bucket_allowed, bucket_refusal
 
 router = APIRouter(prefix="/v1", tags=["batches"], dependencies=[Depends(no_unknown_query)])
 
@@ -107,7 +107,7 @@ def _check_source(request: Request, url: str) -> None:
     if not bucket:
         raise bad_request("source: no bucket", "bad-reference")
     prefix = prefix.split("{", 1)[0]  # a brace pattern: list what comes before its first group
-    if bucket_refusal(url, settings.allowed_buckets):
+    if not bucket_allowed(bucket, settings.allowed_buckets):
         raise bad_request(f"source: bucket {bucket!r} is not allowed", "bad-reference")
     try:
         s3 = request.app.state.client._s3_client()
@@ -117,12 +117,12 @@ def _check_source(request: Request, url: str) -> None:
 
 
 def _check_bucket(request: Request, ref: str) -> str:
-    allowed = getattr(request.app.state.settings, "allowed_buckets", None) or []
+    allowed = request.app.state.settings.allowed_buckets
     if not allowed:
         return ref
     opened = [ref]
     if ref.startswith(("wds+", "pq+")):
-        from scalecap.images.shards import locations
+        from scalecap.images import locations
 
         opened = locations(ref)  # check_ref has vetted its form already
     for loc in opened:
