@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -24,11 +23,13 @@ from scalecap.fleet.protocol import (
     counts,
     webhook_attempts_key,
 )
+from scalecap.retry import next_delay
 from scalecap.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_RETRY_STATUSES = frozenset({408, 425, 429})
+WEBHOOK_BACKOFF_BASE = 2.0
+"""Seconds: the first webhook retry waits up to this, then up to 4x more each time (2, 8, 32...)."""
 
 
 def results_location(batch: dict[str, str], batch_id: str) -> str:
@@ -39,12 +40,6 @@ def results_location(batch: dict[str, str], batch_id: str) -> str:
     if sink.startswith("s3://"):
         return f"{sink.rstrip('/')}/{batch_id}/"
     return f"redis://scalecap:result:{batch_id}:"
-
-
-def webhook_retry_delay(attempt: int, cap: float) -> float:
-    """Seconds before attempt `attempt + 1`: 2, 8, 32, 128 s ... up to `cap`, equal jitter."""
-    full = min(cap, 2.0 * 4 ** max(0, attempt - 1))
-    return full / 2 + random.uniform(0, full / 2)
 
 
 def webhook_secret(redis_client: Any, batch: dict[str, str], default: str | None) -> str | None:
@@ -122,21 +117,18 @@ def deliver_webhook_event(ctx: Any, settings: Settings, event: dict[str, Any], m
     started = time.monotonic()
     outcome = deliver_event(
         batch["webhook"], payload, secret=secret, redis_client=None, attempts_key=key,
-        timeout=settings.webhook_timeout, max_attempts=1, allow_private=settings.allow_private_urls,
-        msg_id=event["id"],
+        timeout=settings.webhook_timeout, allow_private=settings.allow_private_urls,
+        msg_id=event["id"], attempt=attempt,
     )
     failpoints.hit("webhook_after_send")
-    st = outcome.last_status
-    retryable = not outcome.delivered and outcome.attempts > 0 and (
-        st is None or st >= 500 or st in _RETRY_STATUSES)
-    retry = retryable and attempt < settings.webhook_max_attempts
+    retry = not outcome.delivered and outcome.temporary and attempt < settings.webhook_max_attempts
     status_field = "delivered" if outcome.delivered else "retrying" if retry else "failed"
-    record({"attempt": attempt, "at": _iso(time.time()), "status": st, "error": outcome.last_error,
-            "duration_ms": round((time.monotonic() - started) * 1000, 1)}, status_field)
-    if retry:
-        delay = webhook_retry_delay(attempt, settings.webhook_retry_max_delay)
-        if outcome.retry_after is not None:  # the receiver said when to come back
-            delay = min(float(outcome.retry_after), settings.webhook_retry_max_delay)
+    record({"attempt": attempt, "at": _iso(time.time()), "status": outcome.last_status,
+            "error": outcome.last_error, "duration_ms": round((time.monotonic() - started) * 1000, 1)},
+           status_field)
+    if retry:  # the receiver's Retry-After when it said when to come back, else the backoff
+        delay = next_delay(attempt, base=WEBHOOK_BACKOFF_BASE, factor=4.0,
+                           cap=settings.webhook_retry_max_delay, server_says=outcome.retry_after)
         settle({**event, "attempt": attempt + 1}, delay)
     else:
         settle()
