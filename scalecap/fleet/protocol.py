@@ -223,7 +223,7 @@ class Chunk:
 # --- Lua ---------------------------------------------------------------------------------
 
 SCRIPTS = ("create_batch", "register_jobs", "claim_chunk", "finish_chunk", "close_batch",
-           "cancel_jobs", "expire_lease")
+           "cancel_jobs", "expire_lease", "open_session", "touch_session", "close_session")
 
 
 def script_source(name: str) -> str:
@@ -327,10 +327,6 @@ class BatchStore:
         self.retention = int(retention)
         self._scripts = {name: redis_client.register_script(_source(name)) for name in SCRIPTS}
 
-    def script_keys(self, batch_id: str, queue: str = "") -> list[str]:
-        """The 11 KEYS every script receives (lib.lua); scripts outside this class add theirs after."""
-        return self._keys(batch_id, queue)
-
     def _keys(self, batch_id: str, queue: str = "") -> list[str]:
         return [batch_key(batch_id), batch_jobs_key(batch_id), job_states_key(batch_id),
                 webhook_attempts_key(batch_id), FINISHED_KEY, OUTBOX_KEY, DEAD_LETTER_KEY,
@@ -340,6 +336,11 @@ class BatchStore:
              client: Any = None) -> Any:
         return self._scripts[name](keys=self._keys(batch_id, queue),
                                    args=[batch_id, now(), self.retention, *args], client=client)
+
+    def run_script(self, name: str, batch_id: str, args: list[Any]) -> Any:
+        """Run transition `name` with the KEYS and leading ARGV every script gets, then `args`
+        (the session scripts, scalecap/fleet/sessions.py, read theirs from the end)."""
+        return self._run(name, batch_id, args)
 
     def queue_of(self, batch_id: str) -> str:
         return _decode(self.r.hget(batch_key(batch_id), "queue") or b"")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from scalecap.fleet.protocol import PREFIX, BatchStore, now, script_source
+from scalecap.fleet.protocol import PREFIX, BatchStore
 from scalecap.fleet.scope import Scope, scope_json
 
 SESSIONS_KEY = PREFIX + "sessions"
@@ -54,10 +54,6 @@ class SessionGone(RuntimeError):
     """The session was closed meanwhile (by the reconciler: this producer was taken as gone)."""
 
 
-def _member(batch_id: str, session: str) -> str:
-    return f"{batch_id} {session}"
-
-
 def _split(member: str | bytes) -> tuple[str, str]:
     text = member.decode() if isinstance(member, bytes) else member
     batch_id, _, session = text.partition(" ")
@@ -71,13 +67,8 @@ class Sessions:
     store: BatchStore
     timeout: float = 600.0
 
-    def __post_init__(self) -> None:
-        self._scripts = {name: self.store.r.register_script(script_source(name))
-                         for name in ("open_session", "touch_session", "close_session")}
-
     def _run(self, name: str, batch_id: str, args: list[Any]) -> SessionReply:
-        keys = [*self.store.script_keys(batch_id), SESSIONS_KEY]
-        res = self._scripts[name](keys=keys, args=[batch_id, now(), self.store.retention, *args])
+        res = self.store.run_script(name, batch_id, [*args, SESSIONS_KEY])
         return SessionReply(res.decode() if isinstance(res, bytes) else str(res))
 
     def open(self, batch_id: str, session: str, scope: Scope | None = None) -> SessionReply:
@@ -86,7 +77,7 @@ class Sessions:
 
     def touch(self, batch_id: str, session: str) -> None:
         """Push the deadline back; SessionGone when the reconciler has closed it."""
-        if self._run("touch_session", batch_id, [session, "", int(self.timeout)]) == SessionReply.GONE:
+        if self._run("touch_session", batch_id, [session, int(self.timeout)]) == SessionReply.GONE:
             raise SessionGone(f"submission to batch {batch_id} was closed after "
                               f"{self.timeout:g} s without a register (SCALECAP_SUBMIT_TIMEOUT)")
 
