@@ -149,6 +149,7 @@ class FleetClient:
             "batch_id": batch_id,
             "state": state,
             "owner": b.get("owner") or None,
+            "sessions": int(b.get("sessions") or 0),  # submissions still open (state: submitting)
             **c,
             "sink": b.get("sink"),
             "model": b.get("model"),

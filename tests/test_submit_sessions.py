@@ -61,6 +61,7 @@ def test_two_concurrent_submits_complete_the_batch_once_with_the_full_total(flee
         time.sleep(1.5)  # the I/O worker drains every 0.5 s: an early completion would be out
         st = c.status("together")
         assert (st["state"], st["finished_at"]) == ("submitting", None), "completed while A submits"
+        assert st["sessions"] == 1  # A's
         assert webhook_receiver.requests == []
     finally:
         resume.set()
