@@ -70,7 +70,7 @@ def _publish_batch(producer: Any) -> Any:
     return batch(CHUNK + 1) if batch is not None else _Unbatched()
 
 
-def chain_config(config: Any) -> ImageScaleCaptionGenerateConfig:
+def resolve_config(config: Any) -> ImageScaleCaptionGenerateConfig:
     """A config object, a dict of fields, a TOML/JSON file path, or None (the defaults)."""
     if config is None:
         return ImageScaleCaptionGenerateConfig()
@@ -96,7 +96,7 @@ def submit(client: Any, source: Iterable[Any] | str, opts: SubmitOptions, *,
     settings = client.settings
     opts = opts.with_defaults(settings.model)
     model = opts.model or settings.model
-    cfg = chain_config(opts.config)
+    cfg = resolve_config(opts.config)
     queue = opts.queue or gpu_queue(model)
     batch_id = check_batch_id(opts.batch_id) if opts.batch_id else new_batch_id()
     session = opts.session or ""
@@ -179,4 +179,4 @@ def _stream(client: Any, source: Iterable[Any] | str, opts: SubmitOptions,
     return result
 
 
-__all__ = ["CHUNK", "FLUSH_SECONDS", "SubmitResult", "chain_config", "check_options", "submit"]
+__all__ = ["CHUNK", "FLUSH_SECONDS", "SubmitResult", "check_options", "resolve_config", "submit"]

@@ -117,3 +117,25 @@ def test_a_publish_that_fails_leaves_the_event_due(redis_url):
     time.sleep(0.6)
     assert outbox.drain(c.app).retries_due == 1  # the one that failed, due again
     assert set(_sent_ids(c.redis)) == ids and outbox.pending() == len(ids)
+
+
+def test_a_webhook_host_that_does_not_resolve_is_retried(fleet: Fleet):
+    """The receiver's name does not resolve (an .invalid name never does, RFC 6761): each attempt
+    is recorded with the resolver's error and the next one is scheduled, as for a refused
+    connection; the event stays pending, never marked failed after one try."""
+    fleet.scripted()
+    from scalecap.fleet.signatures import generate_secret
+
+    fleet.io(SCALECAP_WEBHOOK_SECRET=generate_secret(), SCALECAP_WEBHOOK_RETRY_MAX_DELAY="0.5")
+    c = fleet.client()
+    images = make_images(fleet.tmp / "imgs", ["red"])
+    c.submit([str(p) for p in images], model="scripted", batch_id="nodns",
+             webhook="http://scalecap-test-receiver.invalid/hook")
+    st = wait_until(lambda: (s := c.status("nodns"))["webhook_attempts_total"] >= 2 and s, timeout=60,
+                    what="a second attempt")
+    assert st["webhook_status"] == "retrying"
+    attempts = st["webhook_attempts"]
+    assert [a["attempt"] for a in attempts[:2]] == [1, 2]
+    assert all("resolve" in (a["error"] or "") for a in attempts), attempts
+    pending = [json.loads(m) for m in c.redis.zrange(PENDING_KEY, 0, -1)]
+    assert len(pending) == 1 and pending[0]["batch_id"] == "nodns"
