@@ -16,6 +16,7 @@ from typing import Any
 from producer.submit import SubmitResult
 from producer.submit_model import SubmitOptions
 from scalecap.errors import ConfigError, ScaleCapError
+from scalecap.fleet.outcomes import BatchState, JobState
 from scalecap.fleet.protocol import (
     DEAD_LETTER_KEY,
     IO_QUEUE,
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 class BatchNotFound(ScaleCapError, KeyError):
     """No batch with this id in this Redis."""
+
+
+class BatchUnfinished(ConfigError):
+    """`purge` of a batch that has not finished, without force."""
 
 
 class FleetClient:
@@ -127,13 +132,13 @@ class FleetClient:
         b = self._batch(batch_id)
         c = counts(b)
         if b.get("finished_at"):
-            state = "cancelled" if b.get("cancel_requested") == "1" else "finished"
+            state = BatchState.CANCELLED if b.get("cancel_requested") == "1" else BatchState.FINISHED
         elif b.get("closed") != "1":
-            state = "submitting"
+            state = BatchState.SUBMITTING
         elif b.get("cancel_requested") == "1":
-            state = "cancelling"
+            state = BatchState.CANCELLING
         else:
-            state = "running" if b.get("started_at") else "queued"
+            state = BatchState.RUNNING if b.get("started_at") else BatchState.QUEUED
         key = webhook_attempts_key(batch_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.lrange(key, -WEBHOOK_ATTEMPTS_SHOWN, -1)
@@ -215,7 +220,7 @@ class FleetClient:
         for j, (state, ref, location, error) in self._jobs(batch_id, ("state", "ref", "location", "error")):
             if location:
                 yield sink.read(location)
-            elif state == "failed":
+            elif state == JobState.FAILED:
                 err = json.loads(error) if error else {"stage": "queue", "type": "Unknown",
                                                        "message": "no record"}
                 yield {"image": ref, "scalecap_record": {"error": err, "meta": {"job_id": j}}}
@@ -261,7 +266,7 @@ class FleetClient:
             return None
         if job.get("location"):
             return self.sink(b["sink"]).read(job["location"])
-        if job.get("state") == "failed":
+        if job.get("state") == JobState.FAILED:
             err = json.loads(job["error"]) if job.get("error") else {
                 "stage": "queue", "type": "Unknown", "message": "no record"}
             return {"image": job.get("ref"), "scalecap_record": {"error": err, "meta": {"job_id": job_id}}}
@@ -272,7 +277,7 @@ class FleetClient:
         self._batch(batch_id)
         failed = []
         for j, (state, ref, error) in self._jobs(batch_id, ("state", "ref", "error")):
-            if state == "failed":
+            if state == JobState.FAILED:
                 failed.append({"job_id": j, "image": ref, "error": json.loads(error) if error else None})
                 if len(failed) >= limit:
                     break
@@ -313,9 +318,18 @@ class FleetClient:
         report.events, report.retries_due = drained.events, drained.retries_due
         return report.to_dict()
 
-    def purge(self, batch_id: str) -> bool:
-        """Delete a batch's keys, index entries and Redis-sink records now (S3 records stay)."""
+    def purge(self, batch_id: str, *, force: bool = False) -> bool:
+        """Delete a batch's keys, index entries and Redis-sink records now (S3 records stay).
+
+        An unfinished batch is refused (BatchUnfinished) unless `force`, which cancels it first,
+        so its queued jobs give back their queued-image counts; a run still going finds the
+        batch gone and writes nothing."""
         check_batch_id(batch_id)
+        if self.store.unfinished(batch_id):
+            if not force:
+                raise BatchUnfinished(f"batch {batch_id} has not finished; cancel it first, or "
+                                      "purge --force (cancels, then purges)")
+            self.cancel(batch_id)
         return self.store.purge(batch_id, result_client=self.results_redis)
 
     def purge_finished_before(self, t: float) -> list[str]:
@@ -330,4 +344,4 @@ class FleetClient:
                 gone.append(b)
 
 
-__all__ = ["IO_QUEUE", "BatchNotFound", "FleetClient", "SubmitOptions", "SubmitResult"]
+__all__ = ["IO_QUEUE", "BatchNotFound", "BatchUnfinished", "FleetClient", "SubmitOptions", "SubmitResult"]

@@ -19,6 +19,7 @@ from producer.submit_model import SubmitOptions
 from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.errors import ConfigError
 from scalecap.fleet import failpoints
+from scalecap.fleet.outcomes import RegisterCode
 from scalecap.fleet.protocol import TASK_CAPTION, check_batch_id, fleet_job_id, gpu_queue, new_batch_id
 from scalecap.fleet.redact import redact_url
 from scalecap.fleet.sessions import Closed, SessionReply, Sessions
@@ -148,13 +149,13 @@ def _stream(client: Any, source: Iterable[Any] | str, opts: SubmitOptions,
             sessions.touch(batch_id, session)  # SessionGone if the reconciler took us for dead
             codes, todo = store.register_jobs(batch_id, chunk, queue=queue)
             for code in codes:
-                if code == 1:
+                if code is RegisterCode.NEW:
                     result.submitted += 1
-                elif code == 3:
+                elif code is RegisterCode.BAD:
                     result.failed += 1
                 else:
                     result.duplicates += 1
-                    result.republished += code == 2
+                    result.republished += code is RegisterCode.KNOWN
             failpoints.hit("submit_after_register")
             if todo is not None:
                 for msg in todo.messages(k):

@@ -31,6 +31,9 @@ def register_tasks(app: Celery) -> Celery:
     """Add the fleet's tasks to `app` (a worker's; producers only send by name)."""
     settings: Settings = app.conf.scalecap_settings
     state: dict[str, Any] = {}
+    from scalecap.fleet import failpoints
+
+    failpoints.install_kombu_hook()  # tests only: `after_pop`, between kombu's pop and its unacked write
 
     def publish(chunk: Chunk, countdown: float) -> None:
         from scalecap.fleet.reconcile import publish_chunk

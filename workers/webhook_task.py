@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from scalecap.fleet import failpoints
+from scalecap.fleet.layout import results_prefix
 from scalecap.fleet.outbox import PENDING_KEY, Outbox
 from scalecap.fleet.protocol import (
     EVENT_JOB_COMPLETED,
@@ -39,7 +40,7 @@ def results_location(batch: dict[str, str], batch_id: str) -> str:
     sink = batch.get("sink", "")
     if sink.startswith("s3://"):
         return f"{sink.rstrip('/')}/{batch_id}/"
-    return f"redis://scalecap:result:{batch_id}:"
+    return "redis://" + results_prefix(batch_id)
 
 
 def webhook_secret(redis_client: Any, batch: dict[str, str], default: str | None) -> str | None:
@@ -79,7 +80,7 @@ def deliver_webhook_event(ctx: Any, settings: Settings, event: dict[str, Any], m
         if member is not None:
             outbox.settle(member, next_attempt, delay)
         elif next_attempt is not None:  # a message from before hand-overs: schedule as it did
-            ctx.redis.zadd(PENDING_KEY, {json.dumps(next_attempt, sort_keys=True): time.time() + delay})
+            ctx.redis.zadd(PENDING_KEY, {json.dumps(next_attempt, sort_keys=True): ctx.store.now() + delay})
 
     batch_id, kind, job_id = event["batch_id"], event["type"], event.get("job_id")
     attempt = int(event.get("attempt", 1))

@@ -14,7 +14,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from scalecap.fleet.audit import AUDIT_EVERY, Auditor
 from scalecap.fleet.outbox import Outbox
+from scalecap.fleet.outcomes import LeaseReply
 from scalecap.fleet.protocol import (
     LEASES_KEY,
     PREFIX,
@@ -49,6 +51,10 @@ class Report:
     retries_due: int = 0
     forgotten_batches: int = 0
     closed_sessions: int = 0
+    live_leases: int = 0
+    """Leases past their deadline by this process' reading, but not by Redis' clock: left alone."""
+    restored_jobs: int = 0
+    """Queued jobs that no message, unacked entry, lease or note reached (scalecap/fleet/audit.py)."""
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -63,6 +69,8 @@ class Reconciler:
         self.r = store.r
         self.settings = settings
         self._me = uuid.uuid4().hex
+        self._passes = 0
+        self.auditor = Auditor(self.r, lambda chunk: publish_chunk(app, chunk, settings.chunk_size))
 
     def _lock(self, key: str, seconds: float) -> bool:
         return bool(self.r.set(key, self._me, nx=True, px=int(seconds * 1000)))
@@ -81,19 +89,27 @@ class Reconciler:
 
     # --- jobs ---------------------------------------------------------------------------
 
-    def reconcile(self, grace: float | None = None, limit: int = 1000) -> Report:
+    def reconcile(self, grace: float | None = None, limit: int = 1000, *, audit: bool | None = None
+                  ) -> Report:
         """Take back expired leases, publish chunks noted unpublished for longer than `grace`
-        seconds (their producer or worker died before publishing), forget expired batches."""
+        seconds (their producer or worker died before publishing), forget expired batches, and
+        (every AUDIT_EVERY passes, or when `audit`) restore queued jobs whose message vanished.
+
+        Every "now" here is Redis' clock (`TIME`), never this machine's: a reconciler whose clock
+        runs ahead takes back no live lease (and expire_lease checks again by Redis' clock)."""
         s = self.settings
         grace = max(5.0, 2 * s.reconcile_interval) if grace is None else grace
         rep = Report()
         if not self._lock(RECONCILE_LOCK, 120):
             return rep
         try:
-            now = time.time()
+            now = self.store.now()
             for lease in self.r.zrangebyscore(LEASES_KEY, "-inf", now, start=0, num=limit):
                 lease = lease.decode() if isinstance(lease, bytes) else lease
-                chunk = self.store.expire_lease(lease, max_attempts=s.max_attempts)
+                reply, chunk = self.store.expire_lease(lease, max_attempts=s.max_attempts)
+                if reply is LeaseReply.LIVE:
+                    rep.live_leases += 1
+                    continue
                 rep.expired_leases += 1
                 if chunk is not None:
                     publish_chunk(self.app, chunk, s.chunk_size)
@@ -105,9 +121,12 @@ class Reconciler:
                 rep.published_chunks += 1
             rep.forgotten_batches = self.store.forget_expired(now, limit)
             rep.closed_sessions = close_expired(self.store, s.submit_timeout, limit)
+            if audit if audit is not None else self._passes % AUDIT_EVERY == 0:
+                rep.restored_jobs = self.auditor.audit().restored
+            self._passes += 1
         finally:
             self._unlock(RECONCILE_LOCK)
-        if rep.expired_leases or rep.published_chunks or rep.closed_sessions:
+        if rep.expired_leases or rep.published_chunks or rep.restored_jobs or rep.closed_sessions:
             log.info("reconcile: %s", rep.to_dict())
         return rep
 
