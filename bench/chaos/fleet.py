@@ -46,6 +46,7 @@ FLEET_ENV = {
     "SCALECAP_WEBHOOK_TIMEOUT": "2",
     "SCALECAP_WEBHOOK_RETRY_MAX_DELAY": "2",
     "SCALECAP_WEBHOOK_MAX_ATTEMPTS": "500",
+    "SCALECAP_WEBHOOK_LEASE": "10",  # an event whose delivery task was lost is due again after this
     "SCALECAP_SUBMIT_TIMEOUT": "20",
     "SCALECAP_ALLOW_PRIVATE_URLS": "1",
     "SCALECAP_MODEL": MODEL,
