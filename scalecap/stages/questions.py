@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 
-from scalecap import prompts
 from scalecap.sentences import normalise_object, object_key
 from scalecap.stages.context import ImageContext
 
@@ -81,9 +80,10 @@ def parse_objects(text: str, limit: int | None = None, *, truncated: bool = Fals
 async def run(ctx: ImageContext) -> None:
     with ctx.timed(NAME):
         cfg = ctx.config
-        if cfg.max_questions == 0 or not ctx.golden_sentences:
+        cap = cfg.max_questions
+        if cap == 0 or not ctx.golden_sentences:
             return
-        template, limit = prompts.SENTENCE_TO_INSTRUCTIONS, cfg.max_question_tokens
+        template, limit = ctx.templates.questions, cfg.max_question_tokens
         requests = [
             ctx.vlm_request(template.format(sentence=s), limit, image=False) for s in ctx.golden_sentences
         ]
@@ -92,10 +92,10 @@ async def run(ctx: ImageContext) -> None:
         for owner, result in enumerate(results):
             for obj in parse_objects(result.text, truncated=result.finish_reason == "length"):
                 key = object_key(obj)
-                if key in keys or len(ctx.objects) >= cfg.max_questions:
+                if key in keys or (cap is not None and len(ctx.objects) >= cap):
                     continue
                 keys.add(key)
                 ctx.objects.append(obj)
                 ctx.object_owner.append(owner)
-        ctx.object_questions = [prompts.OBJECT_QUESTION.format(object=o) for o in ctx.objects]
-        ctx.position_questions = [prompts.POSITION_QUESTION.format(object=o) for o in ctx.objects]
+        ctx.object_questions = [ctx.templates.object_question.format(object=o) for o in ctx.objects]
+        ctx.position_questions = [ctx.templates.position_question.format(object=o) for o in ctx.objects]
