@@ -51,11 +51,6 @@ def rules_served(vlm: Backend) -> list[str]:
     return ["log_ratio", "prob_diff", "yesno"]
 
 
-def rule_name(config: ImageScaleCaptionGenerateConfig) -> str:
-    """The one name of a config's rule among those of `rules_served`."""
-    return "yesno" if config.sentence_filter == "yesno" else config.score_mode
-
-
 def check_backend(vlm: Backend, config: ImageScaleCaptionGenerateConfig) -> None:
     """Refuse a backend that cannot give what the config's rating needs, before any image runs."""
     name = type(vlm).__name__

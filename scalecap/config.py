@@ -200,6 +200,12 @@ class ImageScaleCaptionGenerateConfig:
             self.prompts = validate_prompts(self.prompts)
 
     @property
+    def rule_name(self) -> str:
+        """What an engine must compute for this config: its score_mode, or yesno (a worker
+        advertises the names it serves, scalecap.chain.rules_served)."""
+        return "yesno" if self.sentence_filter == "yesno" else self.score_mode
+
+    @property
     def rule(self) -> dict[str, Any]:
         """How units are rated and kept, for the record's meta."""
         if self.sentence_filter == "yesno":

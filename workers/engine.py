@@ -19,7 +19,9 @@ from typing import Any
 from scalecap.backends.base import Backend
 from scalecap.chain import ChainItem, ScaleCapChain
 from scalecap.config import ImageScaleCaptionGenerateConfig
+from scalecap.errors import ConfigError
 from scalecap.images.load import ImageLimits
+from scalecap.record import error_record
 from scalecap.runtime import BackgroundLoop
 from scalecap.settings import Settings
 from workers import metrics
@@ -122,8 +124,13 @@ class EngineRuntime:
 
         Each image's coroutine is cancelled after `timeout` seconds (JobTimeout in its place):
         a hung image cannot hold its message past the visibility timeout. An exception is
-        returned in the image's place, so one image's failure touches no other."""
-        chain = self.chain(config_json)
+        returned in the image's place, so one image's failure touches no other. A config this
+        engine cannot serve (a rule it cannot compute) is a ConfigError record for every image:
+        final at once, since another delivery to the same worker fails the same way."""
+        try:
+            chain = self.chain(config_json)
+        except ConfigError as exc:
+            return [config_error_record(exc, job_id) for job_id, _ in items]
 
         async def one(job_id: str, ref: str) -> dict[str, Any]:
             # metrics.track: in flight (and the stall check) while on the engine's loop
@@ -148,6 +155,12 @@ class EngineRuntime:
             metrics.observe_record(record)  # stage seconds, tokens, error type
             out.append(attach_source(record, ref, chain.image_limits))
         return out
+
+    def rules(self) -> list[str] | None:
+        """Rating rules this worker's engine can compute; None before the engine exists."""
+        from scalecap.chain import rules_served
+
+        return rules_served(self._vlm) if self._vlm is not None else None
 
     def close(self) -> None:
         with self._lock:
@@ -180,6 +193,12 @@ def get_runtime() -> EngineRuntime:
             "start it with scalecap worker --backend ... --model ..."
         )
     return _runtime
+
+
+def config_error_record(exc: ConfigError, job_id: str) -> dict[str, Any]:
+    """The record of an image whose batch config this worker refuses (not retried)."""
+    error = {"stage": "config", "type": "ConfigError", "message": str(exc)}
+    return error_record(error, {"job_id": job_id})
 
 
 def is_retryable_record(record: dict[str, Any]) -> bool:

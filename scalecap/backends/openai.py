@@ -181,6 +181,8 @@ class OpenAIBackend:
         }
         if req.seed is not None:
             body["seed"] = req.seed
+        if req.repetition_penalty != 1.0:  # a vLLM extension: sent only when asked for
+            body["repetition_penalty"] = req.repetition_penalty
         if req.top_logprobs > 0:
             body["logprobs"] = True
             body["top_logprobs"] = req.top_logprobs
