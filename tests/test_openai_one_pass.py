@@ -169,6 +169,7 @@ def test_chain_makes_one_scoring_request_per_rated_text(vllm_server: Any, engine
     assert "error" not in rec, rec
     assert rec["meta"]["scoring_passes"] == 1
     rated = 1 + sum(1 for p in rec["qa_pairs"] if p["answer"].strip())
+    print(f"one-pass: {rated} rated texts, requests {dict(paths)}")
     assert paths["/v1/completions"] == rated  # one scoring request per rated text
     distinct_prompts = 1 + len(rec["object_questions"]) + len(rec["position_questions"])
     assert paths["/tokenize"] <= distinct_prompts  # chat prefixes, once per prompt
@@ -177,5 +178,6 @@ def test_chain_makes_one_scoring_request_per_rated_text(vllm_server: Any, engine
     paths.clear()
     rec2 = engine_loop.run(go(ImageScaleCaptionGenerateConfig(**SMALL, one_pass_scoring=False)), timeout=600)
     two.update(paths)
+    print(f"two-pass: requests {dict(two)}")
     assert rec2["meta"]["scoring_passes"] == 2 and "error" not in rec2, rec2
     assert two["/v1/completions"] == 0 and two["/tokenize"] >= 2  # before: chat + tokenize, twice
