@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.cli import main
 from scalecap.fleet.presence import served_rules, unserved_warning
+from scalecap_command import main
 from tests.fleet_support import Fleet, make_images, wait_until
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]

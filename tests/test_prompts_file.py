@@ -8,12 +8,12 @@ from collections.abc import Sequence
 
 import pytest
 
-from producer.cli import main
 from scalecap.backends.base import GenerateRequest, GenerateResult, ScoreRequest, ScoreResult
 from scalecap.chain import ChainItem, ScaleCapChain
 from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.errors import ConfigError
 from scalecap.templates import NAMES, Templates, load_prompts, validate_prompts
+from scalecap_command import main
 from tests.scripted_vlm import ScriptedVLM, solid_image
 
 _MARK = re.compile(r"\[T:(\w+)\] ")

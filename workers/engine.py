@@ -19,9 +19,7 @@ from typing import Any
 from scalecap.backends.base import Backend
 from scalecap.chain import ChainItem, ScaleCapChain
 from scalecap.config import ImageScaleCaptionGenerateConfig
-from scalecap.errors import ConfigError
-from scalecap.images.load import ImageLimits
-from scalecap.record import error_record
+from scalecap.images import ImageLimits
 from scalecap.runtime import BackgroundLoop
 from scalecap.settings import Settings
 from workers import metrics
@@ -108,15 +106,6 @@ class EngineRuntime:
                 self._chains[key] = chain
         return chain
 
-    def caption(self, config_json: str | dict[str, Any], ref: str, job_id: str) -> dict[str, Any]:
-        """The record of one image; blocks this task thread while the loop runs the chain."""
-        chain = self.chain(config_json)
-        record = self.loop.run(metrics.track(chain.caption(ChainItem(source=ref, ref=ref, job_id=job_id))))
-        metrics.observe_record(record)  # stage seconds, tokens, error type
-        from scalecap.images.shards import attach_source  # a shard member's key and sidecars
-
-        return attach_source(record, ref, chain.image_limits)
-
     def caption_chunk(
         self, config_json: str | dict[str, Any], items: list[tuple[str, str]], timeout: float | None
     ) -> list[dict[str, Any] | BaseException]:
@@ -124,13 +113,8 @@ class EngineRuntime:
 
         Each image's coroutine is cancelled after `timeout` seconds (JobTimeout in its place):
         a hung image cannot hold its message past the visibility timeout. An exception is
-        returned in the image's place, so one image's failure touches no other. A config this
-        engine cannot serve (a rule it cannot compute) is a ConfigError record for every image:
-        final at once, since another delivery to the same worker fails the same way."""
-        try:
-            chain = self.chain(config_json)
-        except ConfigError as exc:
-            return [config_error_record(exc, job_id) for job_id, _ in items]
+        returned in the image's place, so one image's failure touches no other."""
+        chain = self.chain(config_json)
 
         async def one(job_id: str, ref: str) -> dict[str, Any]:
             # metrics.track: in flight (and the stall check) while on the engine's loop
@@ -193,12 +177,6 @@ def get_runtime() -> EngineRuntime:
             "start it with scalecap worker --backend ... --model ..."
         )
     return _runtime
-
-
-def config_error_record(exc: ConfigError, job_id: str) -> dict[str, Any]:
-    """The record of an image whose batch config this worker refuses (not retried)."""
-    error = {"stage": "config", "type": "ConfigError", "message": str(exc)}
-    return error_record(error, {"job_id": job_id})
 
 
 def is_retryable_record(record: dict[str, Any]) -> bool:
