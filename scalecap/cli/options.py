@@ -51,7 +51,8 @@ def add_method_args(parser: Any) -> None:
     """--preset and --prompts (on caption, submit and worker)."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="set every field not given to the preset's value; authors: the ScaleCap "
-                        "authors' code as it runs (docs/chain.md); a worker starts with --raw-logits")
+                        "authors' code as it runs (docs/chain.md), rating raw logits: `caption` starts "
+                        "its engine with them, `submit` needs workers started with --raw-logits")
     parser.add_argument("--prompts", metavar="FILE", default=None,
                         help="TOML file replacing any of the chain's prompt templates (docs/chain.md)")
 
