@@ -132,8 +132,10 @@ def test_chat_and_vague_lines_are_still_refused():
         "Note: the sky is not an object.",
         "- Red car",
         "- Big Ben",
+        "- Coca-Cola can",
+        "- Wooden chair by the Door",
         "- Objects: none",
         "Describe more details about it.",
         "Describe more details about the dog, which is brown.",
     ])
-    assert parse_objects(reply) == ["red car", "Big Ben", "dog"]
+    assert parse_objects(reply) == ["red car", "Big Ben", "Coca-Cola can", "Wooden chair by the Door", "dog"]

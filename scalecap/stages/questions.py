@@ -47,8 +47,10 @@ def _name(candidate: str, *, bulleted: bool = False) -> str | None:
         return None
     if ":" in obj or "?" in obj or not any(ch.isalpha() for ch in obj) or _VAGUE.match(obj):
         return None
-    if bulleted and len(words) > 1 and words[0].istitle() and any(w.islower() for w in words[1:]):
-        obj = obj[0].lower() + obj[1:]  # "- Red car": a list item's capital, not a proper name
+    if bulleted and len(words) > 1 and words[0].istitle() and words[0].isalpha() and all(
+        w.islower() for w in words[1:]
+    ):
+        obj = obj[0].lower() + obj[1:]  # "- Red car": a list item's capital ("- Coca-Cola can" keeps it)
     return obj
 
 
