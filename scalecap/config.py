@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -276,6 +277,7 @@ def _non_negative_int(name: str, value: Any) -> None:
 _dataclass_init = ImageScaleCaptionGenerateConfig.__init__
 
 
+@functools.wraps(_dataclass_init)  # help() and inspect.signature still show every field
 def _init_with_preset(self: ImageScaleCaptionGenerateConfig, *args: Any, **kwargs: Any) -> None:
     """The dataclass __init__, with the preset's values for every field not passed explicitly.
 
