@@ -210,13 +210,13 @@ class ImageScaleCaptionGenerateConfig:
     def rule(self) -> dict[str, Any]:
         """How units are rated and kept, for the record's meta."""
         if self.sentence_filter == "yesno":
-            return {"sentence_filter": "yesno", "threshold": 0.0}
+            return {"sentence_filter": "yesno", "threshold": self.thresholds()[0]}
         return {
             "sentence_filter": "contrastive",
             "score_mode": self.score_mode,
             "token_filter": self.token_filter,
             "filter_unit": self.filter_unit,
-            "threshold": self.sentence_threshold,
+            "threshold": self.thresholds()[0],
         }
 
     @property
@@ -227,6 +227,15 @@ class ImageScaleCaptionGenerateConfig:
     @property
     def answer_threshold(self) -> float:
         return self.sentence_threshold if self.tau_answer is None else float(self.tau_answer)
+
+    def thresholds(self) -> tuple[float, float]:
+        """(sentence, answer) thresholds as the chain applies them: the one rule, used by the
+        golden and second-filter stages and written to the record. Yes/no compares
+        P(yes) - P(no) with 0; contrastive uses tau_sentence (or its score mode's default) and
+        tau_answer (or the sentence threshold)."""
+        if self.sentence_filter == "yesno":
+            return 0.0, 0.0
+        return self.sentence_threshold, self.answer_threshold
 
     # --- (de)serialisation ---------------------------------------------------------------
 
