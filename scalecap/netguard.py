@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,23 +177,3 @@ def ssl_context() -> Any:
         if not _ssl:
             _ssl.append(httpx.create_ssl_context())
     return _ssl[0]
-
-
-def policy_for(
-    allow_private: bool, networks: Sequence[str] = (), setting: str = "allow_private_urls"
-) -> AddressPolicy:
-    """A policy from settings values (CIDR strings); ConfigError on a bad network."""
-    return AddressPolicy(bool(allow_private), parse_networks(networks), setting)
-
-
-def bucket_refusal(ref: str, allowed: Sequence[str]) -> str | None:
-    """Why `s3://bucket/...` may not be read under the allow-list `allowed` (empty: any), or None.
-
-    Checked by workers before every S3 image read and by the producer at submit time.
-    """
-    if not allowed or not isinstance(ref, str) or ref[:5].lower() != "s3://":
-        return None
-    bucket = ref[5:].partition("/")[0]
-    if bucket in allowed:
-        return None
-    return f"s3://{bucket}/…: bucket {bucket!r} is not in allowed_buckets (SCALECAP_ALLOWED_BUCKETS)"
