@@ -114,9 +114,9 @@ def fleet_bench(args: argparse.Namespace, model: str, env: dict[str, str], work:
                else ["--max-model-len", str(args.max_model_len), "--backend-option", "load_format=dummy"])
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(start(["-m", "producer.cli", "worker", "--io", "--hostname", "io@%h"], env,
+        procs.append(start(["-m", "scalecap_command", "worker", "--io", "--hostname", "io@%h"], env,
                            work / "worker-io.log", " ready.", 120))
-        procs.append(start(["-m", "producer.cli", "worker", *engine, "--hostname", "gpu@%h"], env,
+        procs.append(start(["-m", "scalecap_command", "worker", *engine, "--hostname", "gpu@%h"], env,
                            work / "worker-gpu.log", " ready.", args.part_timeout))
         images = make_images(args.warmup_images + args.fleet_images)
         (work / "imgs").mkdir()

@@ -31,9 +31,24 @@ if [ "$pyver" != "$(cat "$work/python-version")" ]; then
   echo "[install] the bundle is for Python $(cat "$work/python-version"), $py is $pyver" >&2; exit 1
 fi
 echo "[install] installing $(wc -l < "$work/requirements.txt") packages with no index"
+nodeps=()
+[ ! -s "$work/left-out.txt" ] || nodeps=(--no-deps)  # resolution would ask for the left-out ones
 "$py" -m pip install --disable-pip-version-check -q --no-compile --no-index --find-links "$work/wheels" \
-  -r "$work/requirements.txt" \
+  "${nodeps[@]}" -r "$work/requirements.txt" \
   || { echo "[install] failed; the target must provide: $(paste -sd' ' "$work/provided.txt")" >&2; exit 1; }
+if [ -s "$work/left-out.txt" ]; then
+  # Without resolution, check afterwards: only the deliberately left-out packages may be missing.
+  names=$(sed 's/==.*//' "$work/left-out.txt" | paste -sd'|')
+  problems=$("$py" -m pip check 2>&1 | grep -viE "^No broken|which is not installed" || true)
+  missing=$("$py" -m pip check 2>&1 | grep -i "which is not installed" | grep -viE "requires ($names)([^a-z0-9_.-]|$)" \
+    | grep -viE "requires (torch|torchvision|torchaudio|triton|nvidia-|cuda-)" || true)
+  if [ -n "$problems$missing" ]; then
+    echo "[install] dependency problems beyond the left-out packages:" >&2
+    printf '%s\n' "$problems" "$missing" >&2
+    exit 1
+  fi
+  echo "[install] left out on purpose: $(paste -sd' ' "$work/left-out.txt")"
+fi
 bin=$(dirname "$("$py" -c 'import sys; print(sys.executable)')")
 echo "[install] done: scalecap (worker, I/O worker, producer CLI) in $bin"
 [ ! -x "$bin/redis-server" ] || echo "[install] $("$bin/redis-server" --version)"
