@@ -22,11 +22,13 @@ from scalecap.fleet.protocol import (
     UNPUBLISHED_KEY,
     WEBHOOK_RETRIES_KEY,
     BatchMismatch,
+    Outcome,
+    RunOutcome,
     queue_queued_key,
 )
-from scalecap.fleet.reconcile import Reconciler
+from scalecap.fleet.reconcile import RECONCILE_LOCK, Reconciler, lock_ttl
 from scalecap.settings import Settings
-from tests.fleet_support import REPO
+from tests.fleet_support import REPO, wait_until
 
 pytestmark = pytest.mark.services
 
@@ -88,6 +90,60 @@ def test_reconcile_publishes_forgotten_chunks_and_takes_back_expired_leases(redi
     quarantined = _bodies(c.redis, Q + ".quarantine")
     assert quarantined == [{"v": 2, "batch_id": "b", "jobs": [["j0", "/x/0.png"]], "quarantine": True}]
     assert store.job("b", "j0")["attempts"] == "0"
+
+
+def _expired_lease(c: FleetClient, b: str = "b") -> None:
+    c.store.create_batch(b, config={}, config_hash="h", model="nobody", queue=Q, sink="redis")
+    c.store.register_jobs(b, [("j0", "/x/0.png", None)], queue=Q)
+    assert c.store.claim(b, ["j0"], token="t", lease_seconds=-1, max_attempts=3, queue=Q).runnable()
+
+
+def test_a_lock_take_whose_reply_was_lost_stalls_no_pass_of_its_owner(redis_url):
+    """The lock SET ran in Redis but its reply was lost (redis-py raised): the key holds this
+    reconciler's id. Its next pass re-enters the lock and repairs; then the lock is released."""
+    c = _client(redis_url, reconcile_interval=1)
+    _expired_lease(c)
+    rec, other = Reconciler(c.app, c.store, c.settings), Reconciler(c.app, c.store, c.settings)
+    c.redis.set(RECONCILE_LOCK, rec._me, px=int(lock_ttl(c.settings) * 1000))
+    assert other.reconcile(grace=0).expired_leases == 0  # not its lock: no pass
+    assert c.redis.get(RECONCILE_LOCK) == rec._me.encode()  # and it did not delete rec's
+    assert rec.reconcile(grace=0).expired_leases == 1
+    assert c.redis.get(RECONCILE_LOCK) is None
+    assert _bodies(c.redis, Q + ".quarantine")[0]["jobs"] == [["j0", "/x/0.png"]]
+
+
+def test_a_dead_reconcilers_lock_lapses_within_the_stated_bound(redis_url):
+    """A reconciler that died holding the lock stalls others for at most lock_ttl (docs/protocol.md:
+    twice the interval, at least 5 s), not the 120 s of v3's first lock."""
+    c = _client(redis_url, reconcile_interval=1)
+    _expired_lease(c)
+    dead, rec = Reconciler(c.app, c.store, c.settings), Reconciler(c.app, c.store, c.settings)
+    assert dead._lock(RECONCILE_LOCK, lock_ttl(c.settings))
+    assert rec.reconcile(grace=0).expired_leases == 0
+    assert 0 < c.redis.pttl(RECONCILE_LOCK) <= lock_ttl(c.settings) * 1000
+    wait_until(lambda: rec.reconcile(grace=0).expired_leases == 1, timeout=lock_ttl(c.settings) + 2,
+               interval=0.5, what="a pass after the dead reconciler's lock lapsed")
+
+
+def test_a_retry_note_is_published_when_due_by_redis_clock(redis_url):
+    """A finish that queues a job again notes it due at Redis' now + the delay; the I/O worker's
+    drain publishes it then, never before, with no ETA (no sender's clock in it)."""
+    c = _client(redis_url)
+    store = c.store
+    store.create_batch("b", config={}, config_hash="h", model="nobody", queue=Q, sink="redis")
+    store.register_jobs("b", [("j0", "/x/0.png", None)], queue=Q)
+    c.redis.delete(UNPUBLISHED_KEY)  # (the producer published it)
+    claim = store.claim("b", ["j0"], token="t", lease_seconds=30, max_attempts=3, queue=Q)
+    fin = store.finish("b", [Outcome("j0", RunOutcome.RETRY, error={"type": "X"})], token="t",
+                       lease=claim.lease, max_attempts=3, queue=Q, sink="redis", retry_in=2.0)
+    assert fin.retry and c.redis.zscore(UNPUBLISHED_KEY, fin.retry) > store.now() + 1
+    rec = Reconciler(c.app, store, c.settings)
+    assert rec.drain().due_chunks == 0 and c.redis.llen(Q) == 0
+    wait_until(lambda: rec.drain().due_chunks == 1, timeout=10, interval=0.2, what="the due retry")
+    assert c.redis.zcard(UNPUBLISHED_KEY) == 0
+    (raw,) = c.redis.lrange(Q, 0, -1)
+    assert json.loads(raw)["headers"].get("eta") is None
+    assert _bodies(c.redis, Q) == [{"v": 2, "batch_id": "b", "jobs": [["j0", "/x/0.png"]]}]
 
 
 def test_resubmission_with_another_config_or_model_is_refused_with_exit_2(redis_url, capsys):

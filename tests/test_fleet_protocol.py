@@ -15,6 +15,7 @@ from producer.sources import expand
 from scalecap.errors import ConfigError
 from scalecap.fleet.protocol import (
     IO_QUEUE,
+    UNPUBLISHED_KEY,
     BatchStore,
     Chunk,
     JobMessage,
@@ -209,9 +210,9 @@ def test_chunk_lifecycle_retries_dead_letters_and_reuses_records(redis_url):
     r = redis.Redis.from_url(redis_url)
     settings = Settings(broker_url=redis_url, max_attempts=2)
     broken, healthy = _Runtime(fail=True), _Runtime()
-    published: list[tuple[Chunk, float]] = []
-    def publish(chunk: Chunk, countdown: float) -> None:
-        published.append((chunk, countdown))
+    published: list[Chunk] = []
+    def publish(chunk: Chunk) -> None:
+        published.append(chunk)
 
     ctx_broken = JobContext(settings, r, runtime=lambda: broken, publish=publish)
     ctx = JobContext(settings, r, runtime=lambda: healthy, publish=publish)
@@ -222,14 +223,19 @@ def test_chunk_lifecycle_retries_dead_letters_and_reuses_records(redis_url):
         store.close(b)
     msg = lambda b: JobMessage(b, (("j1", "/x/1.png"), ("j2", "/x/2.png")))  # noqa: E731
 
-    # An engine failure is charged and queued again (published with a countdown), then
-    # dead-lettered at max_attempts.
+    # An engine failure is charged and queued again: not published by the worker (a countdown
+    # would be an ETA by its clock), but noted in `unpublished`, due later by Redis' clock.
+    # Then dead-lettered at max_attempts.
     assert process_chunk(ctx_broken, msg("b1")) == {"retry": 2}
     job = store.job("b1", "j1")
     assert job["state"] == "queued" and job["attempts"] == "1"
     assert json.loads(job["error"])["type"] == "BackendError"
-    (chunk, countdown), = published
-    assert chunk.jobs == (("j1", "/x/1.png"), ("j2", "/x/2.png")) and countdown > 0
+    assert published == []
+    (member, due), = [(m, d) for m, d in r.zrange(UNPUBLISHED_KEY, 0, -1, withscores=True)
+                      if json.loads(m)["c"].endswith(":r")]
+    assert due > store.now()
+    chunk = Chunk.parse(member)
+    assert chunk.jobs == (("j1", "/x/1.png"), ("j2", "/x/2.png"))
     assert process_chunk(ctx_broken, chunk.messages(16).__next__()) == {"dead": 2}
     st = store.batch("b1")
     assert st["finished_at"] and counts(st)["dead_lettered"] == 2

@@ -192,6 +192,34 @@ def test_a_worker_and_a_reconciler_an_hour_ahead_discard_no_live_result(redis_se
         fleet.close()
 
 
+@pytest.mark.skipif(not Path(FAKETIME_LIB).exists(), reason="apt-get install -y faketime")
+def test_a_retry_from_a_worker_an_hour_ahead_runs_within_seconds(redis_server, tmp_path, s3_server):
+    """A worker an hour ahead times out on an image (a retryable failure). Its retry is noted due
+    by Redis' clock, not sent with a Celery countdown (an ETA by its clock: an hour away for every
+    other worker); a normal worker runs it within seconds."""
+    skew = {"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": "+1h", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    fleet = _fleet(redis_server, tmp_path, s3_server, "skewretry")
+    try:
+        (image,) = make_images(fleet.tmp / "imgs", ["red"])
+        ahead = fleet.scripted(concurrency=1, env=skew, slow_colour="red", slow_seconds=30)
+        client = fleet.client()
+        sub = client.submit([str(image)], sink="redis", model="scripted")
+        (job_id,) = (j["job_id"] for j in client.jobs(sub.batch_id, limit=10))
+        wait_until(lambda: client.store.job(sub.batch_id, job_id)["attempts"] == "1", timeout=60,
+                   what="the job timed out on the worker an hour ahead")
+        ahead.stop()
+        fleet.scripted(concurrency=1)
+        fleet.io()
+        t0 = time.monotonic()
+        client.wait(sub.batch_id, timeout=60)
+        assert time.monotonic() - t0 < 30, "the retry waited on the sender's clock"
+        st = client.status(sub.batch_id)
+        assert (st["done"], st["dead_lettered"], st["stale_results"]) == (1, 0, 0), st
+        assert [pid for pid, _ in fleet.vlm_calls()][-1] != ahead.pid
+    finally:
+        fleet.close()
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server")
 def test_a_sink_outage_parks_jobs_and_the_worker_stops_claiming(redis_server, tmp_path, s3_server):
     """The results Redis (the sink) is down far longer than the retry budget: no job is charged

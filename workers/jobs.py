@@ -131,7 +131,7 @@ class JobContext:
         redis_client: Any,
         *,
         runtime: Callable[[], EngineRuntime] | None = None,
-        publish: Callable[[Chunk, float], None] | None = None,
+        publish: Callable[[Chunk], None] | None = None,
         results_client: Any = None,
     ) -> None:
         self.settings = settings
@@ -179,13 +179,14 @@ class JobContext:
                 self._meta[batch_id] = meta
         return meta
 
-    def publish(self, chunk: Chunk | None, countdown: float = 0.0) -> None:
+    def publish(self, chunk: Chunk | None) -> None:
         """Send a chunk that a script queued again, then forget its `unpublished` note.
 
-        If this process dies first, the note stays and the reconciler publishes it."""
+        If this process dies first, the note stays and the reconciler publishes it. Never with
+        a delay: a retry stays noted, due by Redis' clock (`Reconciler.publish_due`)."""
         if chunk is None or self._publish is None:
             return
-        self._publish(chunk, countdown)
+        self._publish(chunk)
         self.store.published(chunk.member)
 
 
@@ -309,9 +310,9 @@ def _run(ctx: JobContext, msg: JobMessage, meta: BatchMeta, refs: dict[str, str]
         result.add(o.outcome if code is FinishCode.OK else code)
     if fin.completed:
         log.info("batch %s completed", b)
-    if fin.retry:
-        failpoints.hit("before_publish_retry")
-        ctx.publish(Chunk.parse(fin.retry), retry_in)
+    # fin.retry (jobs queued again) stays noted in `unpublished`, due at Redis' now + retry_in:
+    # the I/O worker publishes it then. A countdown here would become a Celery ETA by this
+    # process' clock, and a worker an hour ahead would hold the retry for an hour.
     return result.counts
 
 

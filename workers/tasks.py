@@ -3,13 +3,15 @@
 The webhook task makes one attempt per delivery (workers/webhook_task.py); a retryable failure
 replaces the pending event in the `webhook_retries` sorted set by its next attempt (due time =
 backoff), which the I/O worker's maintenance loop hands back to the event's lane when due. No
-task sleeps, and nothing waits in a worker's memory for an ETA.
+message carries an ETA (it would be read by the sender's clock): a caption task that meets a
+Redis error waits 2 s in its thread and is sent again at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import Celery
@@ -26,6 +28,8 @@ from workers.webhook_task import results_location, webhook_secret  # noqa: F401 
 log = logging.getLogger(__name__)
 
 _ctx_lock = threading.Lock()
+REDIS_RETRY_WAIT = 2.0
+"""Seconds a chunk that met a Redis error waits in its thread before it is sent again."""
 
 def register_tasks(app: Celery) -> Celery:
     """Add the fleet's tasks to `app` (a worker's; producers only send by name)."""
@@ -35,10 +39,10 @@ def register_tasks(app: Celery) -> Celery:
 
     failpoints.install_kombu_hook()  # tests only: `after_pop`, between kombu's pop and its unacked write
 
-    def publish(chunk: Chunk, countdown: float) -> None:
+    def publish(chunk: Chunk) -> None:
         from scalecap.fleet.reconcile import publish_chunk
 
-        publish_chunk(app, chunk, settings.chunk_size, countdown)
+        publish_chunk(app, chunk, settings.chunk_size)
 
     def context() -> Any:
         with _ctx_lock:
@@ -60,8 +64,11 @@ def register_tasks(app: Celery) -> Celery:
         msg = JobMessage.from_json(job)
         try:
             return process_chunk(context(), msg)
-        except redis.RedisError as exc:  # Redis restarting: the whole chunk again, later
-            raise self.retry(countdown=2.0, exc=exc) from exc
+        except redis.RedisError as exc:  # Redis restarting: the whole chunk again, 2 s later
+            # The wait is this thread's (a monotonic sleep), then a message without an ETA: a
+            # countdown would be an ETA by this process' clock, held by others if it runs ahead.
+            time.sleep(REDIS_RETRY_WAIT)
+            raise self.retry(countdown=0, exc=exc) from exc
 
     @app.task(name=TASK_WEBHOOK, bind=True, max_retries=0, acks_late=True)
     def deliver_webhook(self: Any, event: dict[str, Any], member: str | None = None) -> bool:

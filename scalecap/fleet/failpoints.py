@@ -10,10 +10,10 @@ nothing when it wakes), `after_sink_write` (records written, the finish script n
 `after_pop` (kombu popped a task message and has not yet recorded it as unacked: a worker that
 dies here loses the message), `after_finish` (state final, before anything
 else, e.g. before the I/O worker drains the outbox), `submit_after_register` (the producer
-registered a chunk of jobs but has not published it), `before_publish_retry` (a worker is about
-to publish a chunk queued again), `drain_after_take` (a drainer took an event from the outbox,
-its webhook task not yet published), `webhook_after_send` (the webhook was POSTed, the attempt
-not yet recorded nor the event settled).
+registered a chunk of jobs but has not published it), `before_publish_retry` (the I/O worker
+took a due retry note, its chunk not yet published), `drain_after_take` (a drainer took an
+event from the outbox, its webhook task not yet published), `webhook_after_send` (the webhook
+was POSTed, the attempt not yet recorded nor the event settled).
 """
 
 from __future__ import annotations

@@ -12,8 +12,10 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
+from scalecap.fleet import failpoints
 from scalecap.fleet.audit import AUDIT_EVERY, Auditor
 from scalecap.fleet.outbox import Outbox
 from scalecap.fleet.outcomes import LeaseReply
@@ -33,14 +35,26 @@ log = logging.getLogger(__name__)
 RECONCILE_LOCK = PREFIX + "lock:reconcile"
 
 
-def publish_chunk(app: Any, chunk: Chunk, k: int, countdown: float = 0.0) -> int:
-    """Send a chunk as task messages of at most k images; returns the number of messages."""
+def publish_chunk(app: Any, chunk: Chunk, k: int) -> int:
+    """Send a chunk as task messages of at most k images; returns the number of messages.
+
+    Never with a countdown: Celery turns one into an absolute ETA by the sender's clock, so a
+    sender an hour ahead would hold the jobs for an hour. A delay is a note in `unpublished`
+    due by Redis' clock instead (`Reconciler.publish_due`)."""
     n = 0
     for msg in chunk.messages(k):
-        app.send_task(TASK_CAPTION, args=[msg.to_json()], queue=chunk.queue,
-                      countdown=countdown or None)
+        app.send_task(TASK_CAPTION, args=[msg.to_json()], queue=chunk.queue)
         n += 1
     return n
+
+
+def lock_ttl(settings: Settings) -> float:
+    """Seconds the reconcile lock outlives a reconciler that died holding it (docs/protocol.md)."""
+    return max(5.0, 2 * settings.reconcile_interval)
+
+
+def _script(r: Any, name: str) -> Any:
+    return r.register_script(resources.files("scalecap.fleet.lua").joinpath(f"{name}.lua").read_text())
 
 
 @dataclass
@@ -49,6 +63,8 @@ class Report:
     expired_leases: int = 0
     events: int = 0
     retries_due: int = 0
+    due_chunks: int = 0
+    """Retry notes whose time came by Redis' clock, published (take_due_chunk.lua)."""
     forgotten_batches: int = 0
     closed_sessions: int = 0
     live_leases: int = 0
@@ -71,13 +87,16 @@ class Reconciler:
         self._me = uuid.uuid4().hex
         self._passes = 0
         self.auditor = Auditor(self.r, lambda chunk: publish_chunk(app, chunk, settings.chunk_size))
+        self._lock_script = _script(self.r, "maintenance_lock")
+        self._take_due = _script(self.r, "take_due_chunk")
 
     def _lock(self, key: str, seconds: float) -> bool:
-        return bool(self.r.set(key, self._me, nx=True, px=int(seconds * 1000)))
+        """Take `key`, or keep it if it is ours already (a take whose reply was lost)."""
+        return bool(self._lock_script(keys=[key], args=["take", self._me, int(seconds * 1000)]))
 
     def _unlock(self, key: str) -> None:
-        if self.r.get(key) == self._me.encode():
-            self.r.delete(key)
+        """Release `key` if it is still ours (compare and delete, one step)."""
+        self._lock_script(keys=[key], args=["release", self._me, 0])
 
     # --- events -------------------------------------------------------------------------
 
@@ -85,7 +104,22 @@ class Reconciler:
         """Outbox events and due webhook retries become webhook tasks in their lane, one atomic
         hand-over each (scalecap/fleet/outbox.py): no lock, and nothing lost on any error."""
         drained = Outbox(self.r, self.settings.webhook_lease).drain(self.app, limit)
-        return Report(events=drained.events, retries_due=drained.retries_due)
+        return Report(events=drained.events, retries_due=drained.retries_due,
+                      due_chunks=self.publish_due(limit))
+
+    def publish_due(self, limit: int = 500) -> int:
+        """Publish the retry notes due by Redis' clock (a finish queued their jobs again after a
+        delay), each handed over atomically; no lock. A note stays due again a grace later
+        until it is forgotten, so a publish that fails is repaired."""
+        hold = max(5.0, 2 * self.settings.reconcile_interval)
+        n = 0
+        for member in self._take_due(keys=[UNPUBLISHED_KEY], args=[hold, limit]):
+            chunk = Chunk.parse(member)
+            failpoints.hit("before_publish_retry")
+            publish_chunk(self.app, chunk, self.settings.chunk_size)
+            self.store.published(chunk.member)
+            n += 1
+        return n
 
     # --- jobs ---------------------------------------------------------------------------
 
@@ -100,9 +134,9 @@ class Reconciler:
         s = self.settings
         grace = max(5.0, 2 * s.reconcile_interval) if grace is None else grace
         rep = Report()
-        if not self._lock(RECONCILE_LOCK, 120):
-            return rep
-        try:
+        try:  # taken inside the try: a take whose reply was lost is released (or re-entered) too
+            if not self._lock(RECONCILE_LOCK, lock_ttl(s)):
+                return rep
             now = self.store.now()
             for lease in self.r.zrangebyscore(LEASES_KEY, "-inf", now, start=0, num=limit):
                 lease = lease.decode() if isinstance(lease, bytes) else lease
