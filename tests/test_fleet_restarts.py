@@ -17,6 +17,7 @@ def test_s3_restart_mid_batch_every_record_lands_once(fleet: Fleet, s3_server, s
     fleet.env["SCALECAP_MAX_ATTEMPTS"] = "8"  # enough retries to outlast the outage
     images = make_images(fleet.tmp / "imgs", ["green"] * 10)
     fleet.scripted(concurrency=2, slow_colour="green", slow_seconds=0.3)
+    fleet.io()  # publishes the jobs requeued during the outage when due (by Redis' clock)
     client = fleet.client()
     sub = client.submit([str(p) for p in images], sink=f"s3://{s3_bucket}/r", model="scripted")
     wait_until(lambda: client.status(sub.batch_id)["done"] >= 1, timeout=30, what="a first record")

@@ -232,6 +232,7 @@ def test_a_sink_outage_parks_jobs_and_the_worker_stops_claiming(redis_server, tm
     try:
         images = make_images(fleet.tmp / "imgs", ["red", "green", "blue", "white"])
         fleet.scripted(concurrency=2)
+        fleet.io()  # publishes the requeued jobs when due (by Redis' clock)
         client = fleet.client()
         sink.stop()
         sub = client.submit([str(p) for p in images], sink="redis", model="scripted", chunk_size=2)
