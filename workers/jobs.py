@@ -1,7 +1,8 @@
 """What one task (a chunk of K images of one batch) does, independent of Celery (tasks.py binds it).
 
 Order matters for the protocol's guarantees (docs/protocol.md):
-0. no claim while the batch's sink is known down (workers/sink_gate.py): the jobs stay queued;
+0. no claim while the batch's sink is known down (workers/sink_gate.py): the jobs stay queued,
+   noted due by Redis' clock when the next probe is (the I/O worker publishes them then);
 1. one claim script for the chunk: each job that may run gets this run's attempt token and a
    lease; final jobs, jobs another run holds (live lease) and jobs of a cancelled batch are
    settled there; jobs whose earlier run was lost go to the quarantine lane, uncharged; the
@@ -36,14 +37,14 @@ from typing import Any
 from scalecap.errors import BackendError, ConfigError, TerminalError
 from scalecap.fleet import failpoints
 from scalecap.fleet.outcomes import ClaimCode, FinishCode, RunOutcome
-from scalecap.fleet.protocol import BatchStore, Chunk, JobMessage, Outcome, batch_key
+from scalecap.fleet.protocol import BatchStore, Chunk, JobMessage, Outcome, batch_key, quarantine_queue
 from scalecap.fleet.sinks import Sink, SinkError, open_sink
 from scalecap.record import error_record, is_error
 from scalecap.retry import backoff
 from scalecap.settings import Settings
 from workers.engine import EngineRuntime, JobTimeout, is_retryable_record
 from workers.leases import LeaseKeeper, Run
-from workers.sink_gate import SinkGate
+from workers.sink_gate import SinkDown, SinkGate
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,16 @@ class JobContext:
         self.store.published(chunk.member)
 
 
+    def defer(self, msg: JobMessage, queue: str, delay: float) -> None:
+        """Note `msg`'s chunk in `unpublished`, due `delay` s from Redis' now (not a message with
+        a countdown: Celery would make it an ETA by this process' clock); the I/O worker
+        publishes it when due, and this message is acknowledged."""
+        from scalecap.fleet.reconcile import note_due
+
+        lane = quarantine_queue(queue) if msg.quarantine else queue
+        note_due(self.redis, msg.batch_id, lane, list(msg.jobs), delay)
+
+
 def _stamp(row: dict[str, Any], token: str, worker: str) -> dict[str, Any]:
     """The row with its record's meta naming the run that writes it (attempt token, worker)."""
     record = dict(row.get("scalecap_record") or {})
@@ -232,7 +243,12 @@ def _process(ctx: JobContext, msg: JobMessage) -> dict[str, int]:
         log.warning("chunk of unknown batch %s dropped (%d jobs)", b, len(msg.jobs))
         result.add("unknown-batch", len(msg.jobs))
         return result.counts
-    ctx.gate.wait(meta.sink)  # its sink is down: claim nothing, the jobs stay queued
+    try:
+        ctx.gate.check(meta.sink)
+    except SinkDown as exc:  # nothing claimed: the chunk is noted due after the probe delay
+        ctx.defer(msg, meta.queue, exc.delay)
+        result.add("sink_down", len(msg.jobs))
+        return result.counts
     refs = dict(msg.jobs)
     token = uuid.uuid4().hex
     claim = store.claim(b, list(refs), token=token, lease_seconds=lease_seconds(s),

@@ -8,6 +8,7 @@ skip final and busy jobs), an event sent twice keeps its webhook-id.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -55,6 +56,15 @@ def lock_ttl(settings: Settings) -> float:
 
 def _script(r: Any, name: str) -> Any:
     return r.register_script(resources.files("scalecap.fleet.lua").joinpath(f"{name}.lua").read_text())
+
+
+def note_due(r: Any, batch_id: str, queue: str, jobs: list[tuple[str, str]], delay: float) -> str:
+    """Note these queued jobs as a retry chunk due `delay` s from Redis' now (note_due_chunk.lua);
+    `Reconciler.publish_due` publishes it then. Returns the note."""
+    member = json.dumps({"c": uuid.uuid4().hex + ":r", "b": batch_id, "q": queue,
+                         "jobs": [list(j) for j in jobs]})
+    _script(r, "note_due_chunk")(keys=[UNPUBLISHED_KEY], args=[max(0.0, float(delay)), member])
+    return member
 
 
 @dataclass
