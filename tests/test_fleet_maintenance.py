@@ -146,6 +146,28 @@ def test_a_retry_note_is_published_when_due_by_redis_clock(redis_url):
     assert _bodies(c.redis, Q) == [{"v": 2, "batch_id": "b", "jobs": [["j0", "/x/0.png"]]}]
 
 
+def test_a_chunk_for_a_sink_found_down_is_noted_due_not_sent_back_with_an_eta(redis_url):
+    """The worker's sink gate is closed: nothing is claimed, no message is published (a countdown
+    would be an ETA by this worker's clock); the chunk is a note due by Redis' clock, which the
+    I/O worker's drain publishes when due."""
+    from scalecap.fleet.protocol import JobMessage
+    from workers.jobs import JobContext, process_chunk
+
+    c = _client(redis_url)
+    c.store.create_batch("b", config={}, config_hash="h", model="nobody", queue=Q, sink="redis")
+    c.store.register_jobs("b", [("j0", "/x/0.png", None)], queue=Q)
+    c.redis.delete(UNPUBLISHED_KEY)  # (the producer published it)
+    ctx = JobContext(c.settings, c.redis)
+    ctx.gate.down("redis")
+    assert process_chunk(ctx, JobMessage("b", (("j0", "/x/0.png"),))) == {"sink_down": 1}
+    assert c.store.job("b", "j0")["state"] == "queued" and c.redis.llen(Q) == 0
+    ((_member, due),) = c.redis.zrange(UNPUBLISHED_KEY, 0, -1, withscores=True)
+    assert due > c.store.now()
+    rec = Reconciler(c.app, c.store, c.settings)
+    wait_until(lambda: rec.drain().due_chunks == 1, timeout=10, interval=0.2, what="the parked chunk")
+    assert _bodies(c.redis, Q) == [{"v": 2, "batch_id": "b", "jobs": [["j0", "/x/0.png"]]}]
+
+
 def test_resubmission_with_another_config_or_model_is_refused_with_exit_2(redis_url, capsys):
     """(Another sink is refused the same way: tests/test_fleet_scripts.py, create_batch.)"""
     from scalecap_command import main
