@@ -11,6 +11,7 @@ Redis keys (prefix `scalecap:`):
                     revoked ("1"), hash (hex SHA-256 of the raw key), webhook_secret
   apikeys           sorted set of key ids by creation time
   apikey:{key_id}:active  set of the key's batches that may still hold queued images (quota)
+  apikey:{key_id}:reserved  hash: batch id -> "images admitted:unix time" (quota, one script)
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ def _record_key(key_id: str) -> str:
 def active_batches_key(key_id: str) -> str:
     """The key's batches that may still hold queued images (the quota counts these)."""
     return f"{_PREFIX}apikey:{key_id}:active"
+
+
+def reservations_key(key_id: str) -> str:
+    """The key's quota reservations: batch id -> images admitted but maybe not yet registered."""
+    return f"{_PREFIX}apikey:{key_id}:reserved"
 
 
 def _hash(raw_key: str) -> str:
@@ -185,4 +191,4 @@ class KeyStore:
         return _s(v) if v else None
 
 
-__all__ = ["SCOPES", "ApiKey", "KeyStore", "active_batches_key", "parse_scopes"]
+__all__ = ["SCOPES", "ApiKey", "KeyStore", "active_batches_key", "parse_scopes", "reservations_key"]
