@@ -139,3 +139,38 @@ def test_keys_without_max_queued_get_the_fleet_default(quota: Quota):
     with pytest.raises(QuotaExceeded):
         quota.admit(key, "big", 51)
     assert quota.admit(key, "ok", 50) == 50
+
+
+# --- clean errors: malformed input is a RefError or a 400, never an exception ------------------
+
+
+def test_malformed_references_are_ref_errors_and_lengths_are_bounded():
+    from producer.api.refs import MAX_REF_CHARS, RefError, check_ref, checked_rows
+    from producer.sources import SourceRow
+
+    for bad in ("http://[::1", "https://[::1/a.png", "file://[x/y", "http://" + "a" * MAX_REF_CHARS):
+        with pytest.raises(RefError):
+            check_ref(bad, [])
+    rows = list(checked_rows([SourceRow("http://[::1"), SourceRow("https://x.example/a.png")], []))
+    assert rows[0].error["type"] == "ImageAccessDenied" and rows[1].error is None
+    refs = [SourceRow(f"https://x.example/{i}.png") for i in range(10)]
+    out = list(checked_rows(refs, [], max_total_chars=60))
+    assert [r.error is None for r in out] == [True, True] + [False] * 8
+    assert out[-1].error["type"] == "SubmissionTooLarge"
+
+
+def test_json_nesting_is_capped_before_parsing():
+    from producer.api.limits import MAX_JSON_DEPTH, json_depth, loads_bounded
+    from producer.api.problems import ApiProblem
+    from producer.sources import manifest_rows
+
+    assert json_depth(b'{"a": 1}') <= MAX_JSON_DEPTH
+    assert json_depth(b'{"a": ["[[[[[\\"", {"b": 1}]}', limit=2) == 3  # brackets in strings skipped
+    for depth in (MAX_JSON_DEPTH + 1, 1000, 100_000):
+        with pytest.raises(ApiProblem) as info:
+            loads_bounded(b"[" * depth + b"]" * depth)
+        assert info.value.status == 400 and "nested" in info.value.detail
+    assert loads_bounded(b'{"images": ["a"]}') == {"images": ["a"]}
+    # An upload line nested 100,000 deep is that line's error, not the upload's end.
+    rows = list(manifest_rows(["[" * 100_000 + "]" * 100_000, '{"image": "https://x.example/a.png"}'], "up"))
+    assert rows[0].error["type"] == "MalformedLine" and rows[1].ref == "https://x.example/a.png"

@@ -17,7 +17,9 @@ from urllib.parse import unquote, urlsplit
 
 from producer.sources import SourceRow
 
-MAX_REF_CHARS = 8 * 1024 * 1024
+MAX_REF_CHARS = 8 * 1024
+"""Longest reference other than a data: URI (a URL, a path, a shard reference)."""
+MAX_DATA_URI_CHARS = 8 * 1024 * 1024
 """A data: URI may be long; anything longer is refused before it reaches Redis."""
 
 
@@ -52,10 +54,20 @@ def check_ref(ref: object, roots: Sequence[str]) -> str:
     if not isinstance(ref, str) or not ref.strip():
         raise RefError("an image reference must be a non-empty string")
     ref = ref.strip()
-    if len(ref) > MAX_REF_CHARS:
-        raise RefError(f"reference longer than {MAX_REF_CHARS} characters")
-    shown = ref[:120] + ("..." if len(ref) > 120 else "")
     low = ref[:16].lower()
+    limit = MAX_DATA_URI_CHARS if low.startswith("data:") else MAX_REF_CHARS
+    if len(ref) > limit:
+        raise RefError(f"reference longer than {limit} characters")
+    shown = ref[:120] + ("..." if len(ref) > 120 else "")
+    try:
+        return _check(ref, low, roots, shown)
+    except RefError:
+        raise
+    except (ValueError, TypeError, UnicodeError) as exc:  # urlsplit on "http://[::1", say
+        raise RefError(f"{shown}: malformed reference ({type(exc).__name__})") from None
+
+
+def _check(ref: str, low: str, roots: Sequence[str], shown: str) -> str:
     if low.startswith(("wds+", "pq+")):  # a WebDataset member or a Parquet row: vet what it opens
         from scalecap.images.shards import locations
 
@@ -91,17 +103,30 @@ def check_ref(ref: object, roots: Sequence[str]) -> str:
     return _check_local(ref, roots, shown)
 
 
-def checked_rows(rows: Iterable[SourceRow], roots: Sequence[str]) -> Iterator[SourceRow]:
-    """Rows with every refused reference turned into that row's error (nothing else is lost)."""
+def checked_rows(rows: Iterable[SourceRow], roots: Sequence[str], *,
+                 max_total_chars: int | None = None) -> Iterator[SourceRow]:
+    """Rows with every refused reference turned into that row's error (nothing else is lost).
+
+    With `max_total_chars`, the references of one submission may hold at most that many
+    characters in all (what Redis keeps of them); rows beyond become SubmissionTooLarge rows."""
+    total = 0
     for row in rows:
         if row.error:
             yield row
             continue
         try:
-            yield SourceRow(check_ref(row.ref, roots))
+            ref = check_ref(row.ref, roots)
         except RefError as exc:
             yield SourceRow(ref=row.ref[:1000], error={"stage": "submit", "type": "ImageAccessDenied",
-                                              "message": str(exc)})
+                                                       "message": str(exc)})
+            continue
+        total += len(ref)
+        if max_total_chars is not None and total > max_total_chars:
+            yield SourceRow(ref=ref[:1000], error={
+                "stage": "submit", "type": "SubmissionTooLarge",
+                "message": f"the submission's references are over {max_total_chars} characters in all"})
+            continue
+        yield SourceRow(ref)
 
 
-__all__ = ["MAX_REF_CHARS", "RefError", "check_ref", "checked_rows"]
+__all__ = ["MAX_DATA_URI_CHARS", "MAX_REF_CHARS", "RefError", "check_ref", "checked_rows"]
