@@ -174,3 +174,36 @@ def test_json_nesting_is_capped_before_parsing():
     # An upload line nested 100,000 deep is that line's error, not the upload's end.
     rows = list(manifest_rows(["[" * 100_000 + "]" * 100_000, '{"image": "https://x.example/a.png"}'], "up"))
     assert rows[0].error["type"] == "MalformedLine" and rows[1].ref == "https://x.example/a.png"
+
+
+# --- thumbnails: decoded once, cached per owner ----------------------------------------------------
+
+
+def test_thumbnails_are_cached_once_per_owner_and_image():
+    import base64
+    import io
+    import time
+
+    from PIL import Image
+
+    from producer.api import thumbnails
+
+    buf = io.BytesIO()
+    Image.new("RGB", (6300, 6300), "navy").save(buf, format="PNG")
+    ref = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    settings = Settings()
+    thumbnails.cache_clear()
+    t0 = time.perf_counter()
+    first = thumbnails.thumbnail(ref, settings, 640, owner="a")
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    again = thumbnails.thumbnail(ref, settings, 700, owner="a")  # snaps to 640: the same entry
+    warm = time.perf_counter() - t0
+    assert again == first and Image.open(io.BytesIO(first)).size == (640, 640)
+    assert warm < cold / 10, (cold, warm)
+    assert ("a", __import__("hashlib").sha256(ref.encode()).hexdigest(), 640) in thumbnails._cache
+    assert not any(k[0] == "b" for k in thumbnails._cache), "another owner has no entry to hit"
+    # A broken image is remembered as its kind only, and not decoded again.
+    with pytest.raises(Exception) as info:
+        thumbnails.thumbnail("data:image/png;base64,AAAA", settings, 160, owner="a")
+    assert type(info.value).__name__ == str(info.value)
