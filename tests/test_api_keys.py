@@ -131,3 +131,17 @@ def test_streamed_lines_split_across_chunks_and_long_lines_become_one_bad_line()
     assert len(got) == 2 and got[1] == "next" and len(got[0]) < 100  # marker, not the line
     with pytest.raises(UploadTooLarge):
         _lines([b"a\n" * 100] * 3, limit=500)
+
+
+def test_keys_carry_their_data_scope(keys: KeyStore):
+    _, plain, _ = keys.create("plain")
+    assert (plain.roots, plain.buckets, plain.fleet_wide) == ((), (), False)
+    _, scoped, _ = keys.create("scoped", roots="/data/a/,/data/b", buckets="s3://team-a/in/,shared")
+    assert keys.get(scoped.key_id) == scoped
+    assert scoped.roots == ("/data/a", "/data/b") and scoped.buckets == ("team-a/in", "shared")
+    _, wide, _ = keys.create("demo", all_data=True)
+    assert keys.get(wide.key_id).fleet_wide and wide.to_dict()["all_data"] is True
+    for bad in ({"roots": "relative/dir"}, {"buckets": "Bad_Bucket"}, {"buckets": "b1/../x"},
+                {"roots": "/x", "all_data": True}):
+        with pytest.raises(ConfigError):
+            keys.create("bad", **bad)
