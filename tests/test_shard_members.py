@@ -56,3 +56,36 @@ def test_a_plain_file_is_no_shard():
         check_header(notes[:512], "x", "txt", 93, "notes.txt")
     with pytest.raises(NotThisMember):
         read_member(lambda o, n: notes[o:o + n], "x", "png", 512, 4, "notes.txt")
+
+
+def test_the_api_re_derives_a_clients_reference_from_the_shard(tmp_path):
+    from scalecap.errors import ImageError
+    from scalecap.images.load import ImageLimits
+    from scalecap.images.members import verify_shard_ref
+
+    blob = _tar({"s1.png": b"PNGDATA", "s1.txt": b"alt text", "s2.txt": b"other"})
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(blob)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("private " * 100)
+    where = _offsets(blob)
+    limits = ImageLimits(allowed_roots=[str(tmp_path)])
+    (po, ps), (to, ts), (oo, os_) = where["s1.png"], where["s1.txt"], where["s2.txt"]
+    verify_shard_ref(f"wds+file://{shard}#key=s1&ext=png&offset={po}&size={ps}&txt={to}:{ts}", limits, "d")
+    for bad in (f"wds+file://{shard}#key=s1&ext=png&offset={po}&size={ps}&txt={oo}:{os_}",
+                f"wds+file://{shard}#key=s2&ext=png&offset={po}&size={ps}",
+                f"wds+file://{notes}#key=x&ext=png&offset=0&size=4&txt=0:93",
+                f"wds+file://{notes}#key=x&ext=png&offset=512&size=4"):
+        with pytest.raises(ImageError):
+            verify_shard_ref(bad, limits, "d")
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table({"image": [b"a", b"b"], "uid": ["x", "y"]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    verify_shard_ref(f"pq+file://{tmp_path}/t.parquet#rg=0&row=1&col=image", limits, "d")
+    for bad in ("rg=0&row=2&col=image", "rg=1&row=0&col=image", "rg=0&row=0&col=nope"):
+        with pytest.raises(ImageError):
+            verify_shard_ref(f"pq+file://{tmp_path}/t.parquet#{bad}", limits, "d")
+    with pytest.raises(ImageError):
+        verify_shard_ref(f"pq+file://{notes}#rg=0&row=0&col=image", limits, "d")
