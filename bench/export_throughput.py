@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         env = {**os.environ, **s3.env(), "PYTHONPATH": str(REPO), "SCALECAP_BROKER_URL": url,
                "SCALECAP_ALLOWED_ROOTS": str(tmp)}
         procs.append(start_worker(
-            ["-m", "producer.cli", "worker", "--backend", "tests.scripted_vlm:ScriptedVLM", "--model",
+            ["-m", "scalecap_command", "worker", "--backend", "tests.scripted_vlm:ScriptedVLM", "--model",
              "scripted", "--concurrency", str(args.concurrency), "--loglevel", "INFO", "--hostname",
              "bench-export@%h"], env, tmp / "worker.log"))
         client = FleetClient(Settings.from_env(env))

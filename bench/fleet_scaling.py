@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 for i in range(n):
                     procs.append(start_worker(
-                        ["-m", "producer.cli", "worker", "--backend", STANDIN, "--model", "standin",
+                        ["-m", "scalecap_command", "worker", "--backend", STANDIN, "--model", "standin",
                          "--concurrency", str(args.concurrency), "--loglevel", "INFO",
                          "--backend-option", f"slots={args.slots}",
                          "--backend-option", f"latency={args.latency}",

@@ -253,7 +253,7 @@ def run_chain_alone(refs: list[str], roots: list[str], concurrency: int) -> floa
 
     from scalecap.chain import ChainItem, ScaleCapChain
     from scalecap.config import ImageScaleCaptionGenerateConfig
-    from scalecap.images.load import ImageLimits
+    from scalecap.images import ImageLimits
     from tests.scripted_vlm import ScriptedVLM
 
     config = ImageScaleCaptionGenerateConfig()
@@ -327,7 +327,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for k in sorted({args.chunk_size, 1}, reverse=True):
             # Same job threads as the bare worker: each holds one message of k images.
             fleet_proc = start_worker(
-                ["-m", "producer.cli", "worker", "--backend", "tests.scripted_vlm:ScriptedVLM",
+                ["-m", "scalecap_command", "worker", "--backend", "tests.scripted_vlm:ScriptedVLM",
                  "--model", "scripted", "--concurrency", str(args.concurrency * k), "--loglevel", "INFO",
                  "--hostname", f"bench-fleet-k{k}@%h"],
                 {**env, "SCALECAP_CHUNK_SIZE": str(k)}, tmp / f"fleet-k{k}.log")

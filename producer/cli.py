@@ -1,7 +1,10 @@
-"""The `scalecap` command: caption, worker, submit, status, results, cancel, reconcile, purge, api, keys.
+"""The producer's commands of `scalecap`: submit, status, results, cancel, reconcile, purge, api, keys,
+and the argument parsing and error handling every `scalecap` command shares (build_parser, main).
 
-Each command's implementation is imported when that command runs, so `scalecap --help` and the
-producer commands never load torch or vLLM (a producer machine need not have them).
+The `scalecap` entry point itself is scalecap_command/, which adds the commands of other packages
+(`caption`, `worker`); this module never names them, so producer/ never reaches workers/ or the
+backends. Each command's implementation is imported when that command runs, so `scalecap --help`
+and the producer commands never load torch or vLLM (a producer machine need not have them).
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+Handlers = dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[..., int]]]
+
 COMMANDS: dict[str, str] = {
-    "caption": "caption a JSONL manifest in process (no queue)",
-    "worker": "run a GPU-pinned Celery worker holding one engine (or an --io worker)",
     "submit": "submit images to the fleet as one batch",
     "status": "print a batch's status as JSON",
     "results": "write a batch's records as JSONL, Parquet or WebDataset shards",
@@ -177,10 +180,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- engine commands: their modules load only when they run --------------------------------
+# --- dispatch: a command's module loads only when it runs -----------------------------------
 
 
-def _lazy(module: str, attr: str) -> Callable[..., Any]:
+def lazy(module: str, attr: str) -> Callable[..., Any]:
+    """A function that imports `module` and calls its `attr` when called (not before)."""
+
     def call(*args: Any) -> Any:
         import importlib
 
@@ -189,47 +194,49 @@ def _lazy(module: str, attr: str) -> Callable[..., Any]:
     return call
 
 
-HANDLERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[..., int]]] = {
-    "caption": (_lazy("scalecap.cli.caption", "add_cli_args"), _lazy("scalecap.cli.caption", "main")),
-    "worker": (_lazy("workers.cli", "add_cli_args"), _lazy("workers.cli", "main")),
+HANDLERS: Handlers = {
     "submit": (add_submit_args, cmd_submit),
     "status": (add_status_args, cmd_status),
     "results": (add_results_args, cmd_results),
     "cancel": (add_cancel_args, cmd_cancel),
-    "reconcile": (_lazy("producer.cli_fleet", "add_reconcile_args"),
-                  _lazy("producer.cli_fleet", "cmd_reconcile")),
-    "purge": (_lazy("producer.cli_fleet", "add_purge_args"), _lazy("producer.cli_fleet", "cmd_purge")),
-    "api": (_lazy("producer.api.server", "add_cli_args"), _lazy("producer.api.server", "main")),
-    "keys": (_lazy("producer.cli_keys", "add_cli_args"), _lazy("producer.cli_keys", "main")),
+    "reconcile": (lazy("producer.cli_fleet", "add_reconcile_args"),
+                  lazy("producer.cli_fleet", "cmd_reconcile")),
+    "purge": (lazy("producer.cli_fleet", "add_purge_args"), lazy("producer.cli_fleet", "cmd_purge")),
+    "api": (lazy("producer.api.server", "add_cli_args"), lazy("producer.api.server", "main")),
+    "keys": (lazy("producer.cli_keys", "add_cli_args"), lazy("producer.cli_keys", "main")),
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, *, commands: dict[str, str] = COMMANDS,
+                 handlers: Handlers = HANDLERS) -> argparse.ArgumentParser:
     """The parser; only `command`'s arguments are built (others appear by name and help)."""
     parser = argparse.ArgumentParser(
         prog="scalecap",
         description="ScaleCap dense image captions: in process, or on a Celery/Redis GPU fleet.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, help_text in COMMANDS.items():
+    for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            HANDLERS[name][0](p)
+            handlers[name][0](p)
         else:
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, commands: dict[str, str] = COMMANDS,
+         handlers: Handlers = HANDLERS) -> int:
+    """Run one command: a user error is one line on stderr and exit status 1, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    parser = build_parser(command if command in commands else None, commands=commands, handlers=handlers)
+    args = parser.parse_args(argv)
     from scalecap.errors import ScaleCapError
     from scalecap.fleet.redact import protect_process, redact_text
 
     secrets = protect_process(None, getattr(args, "broker_url", None))  # no password in any output
     try:
-        return int(HANDLERS[args.command][1](args) or 0)
+        return int(handlers[args.command][1](args) or 0)
     except KeyboardInterrupt:
         return 130
     except (ScaleCapError, ValueError, OSError, *_broker_errors()) as exc:

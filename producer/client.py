@@ -32,7 +32,7 @@ from scalecap.fleet.protocol import (
     webhook_attempts_key,
 )
 from scalecap.fleet.redact import redact_url
-from scalecap.netguard import bucket_refusal
+from scalecap.images import bucket_refusal
 from scalecap.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class FleetClient:
         return self._sinks[url]
 
     def _s3_client(self) -> Any:
-        from scalecap.fleet.sinks import s3_client
+        from scalecap.images import s3_client
 
         return s3_client(self.settings)
 

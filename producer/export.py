@@ -188,7 +188,7 @@ def _source_of(ref: Any) -> dict[str, Any]:
     """Where a shard job came from, from its reference alone: for rows no worker made (a member
     cut short at submission, a lost job), which have no meta.source."""
     from scalecap.errors import ImageError
-    from scalecap.images.shards import is_shard_ref, parse_ref
+    from scalecap.images import is_shard_ref, parse_ref
 
     if not is_shard_ref(ref):
         return {}
@@ -288,7 +288,7 @@ def write_webdataset(rows: Iterator[dict[str, Any]], output: str, *, with_images
             doc = {**flat, "scalecap_record": row.get("scalecap_record")}
             if with_images and row.get("image"):
                 try:
-                    data, ext = read_image_bytes(row["image"], limits)
+                    data, ext = original_image(row["image"], limits)
                     _add(tf, f"{key}.{ext}", data)
                 except Exception as exc:  # the caption still ships; the JSON says why no image
                     doc["image_error"] = f"{type(exc).__name__}: {exc}"
@@ -307,33 +307,14 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def read_image_bytes(ref: str, limits: Any) -> tuple[bytes, str]:
+def original_image(ref: str, limits: Any) -> tuple[bytes, str]:
     """The original bytes of an image reference and an extension for them (no decoding)."""
     from PIL import Image
 
-    from scalecap.images import load as images
-    from scalecap.images.shards import describe, is_shard_ref, parse_ref, read_shard_ref
+    from scalecap.images import read_image_bytes
 
-    if is_shard_ref(ref):
-        got = read_shard_ref(ref, limits, describe(ref))
-        if isinstance(got, str):
-            return read_image_bytes(got, limits)
-        p = parse_ref(ref)
-        data, ext = got, getattr(p, "ext", "")
-    else:
-        desc = images.describe_source(ref)
-        kind = images.image_ref_kind(ref)
-        if kind in ("path", "file"):
-            data = images._read_local(ref, limits, desc)
-        elif kind == "s3":
-            data = images._fetch_s3(ref, limits, desc)
-        elif kind == "http":
-            data = images._fetch_http(ref, limits, desc)[0]
-        elif kind == "data":
-            data = images._decode_data_uri(ref, limits, desc)
-        else:
-            raise ValueError(f"{desc}: cannot copy this kind of reference")
-        ext = ""
+    got = read_image_bytes(ref, limits=limits)
+    data, ext = got.data, got.ext
     if not ext or "." in ext:
         try:
             ext = (Image.open(io.BytesIO(data)).format or "bin").lower()
@@ -360,7 +341,7 @@ def export(client: Any, batch_id: str, fmt: str, output: str, *, with_images: bo
         return write_parquet(rows, output)
     limits = None
     if with_images:
-        from scalecap.images.load import ImageLimits
+        from scalecap.images import ImageLimits
 
         limits = ImageLimits.from_settings(client.settings)
     return write_webdataset(rows, output, with_images=with_images, limits=limits)

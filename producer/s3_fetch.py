@@ -122,7 +122,8 @@ class S3Fetcher:
             return None, region
 
     def _boto_get(self, url: str) -> bytes:
-        from scalecap.fleet.sinks import parse_s3_url, s3_client
+        from scalecap.fleet.sinks import parse_s3_url
+        from scalecap.images import s3_client
 
         if self._boto is None:
             self._boto = s3_client(self._settings, max_pool_connections=4)

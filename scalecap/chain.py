@@ -17,7 +17,7 @@ from scalecap import prompts
 from scalecap.backends.base import score_values
 from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.errors import ConfigError, StageError
-from scalecap.images.load import ImageLimits, load_image
+from scalecap.images import ImageLimits, load_image
 from scalecap.record import base_meta, error_record, job_id, success_record
 from scalecap.stages import answers, caption, fusion, golden, questions, second_filter
 from scalecap.stages.context import ImageContext

@@ -184,16 +184,3 @@ def policy_for(
 ) -> AddressPolicy:
     """A policy from settings values (CIDR strings); ConfigError on a bad network."""
     return AddressPolicy(bool(allow_private), parse_networks(networks), setting)
-
-
-def bucket_refusal(ref: str, allowed: Sequence[str]) -> str | None:
-    """Why `s3://bucket/...` may not be read under the allow-list `allowed` (empty: any), or None.
-
-    Checked by workers before every S3 image read and by the producer at submit time.
-    """
-    if not allowed or not isinstance(ref, str) or ref[:5].lower() != "s3://":
-        return None
-    bucket = ref[5:].partition("/")[0]
-    if bucket in allowed:
-        return None
-    return f"s3://{bucket}/…: bucket {bucket!r} is not in allowed_buckets (SCALECAP_ALLOWED_BUCKETS)"

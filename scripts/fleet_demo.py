@@ -130,7 +130,7 @@ class Receiver:
 
 
 def create_key(env: dict[str, str]) -> dict[str, str]:
-    out = subprocess.run([sys.executable, "-m", "producer.cli", "keys", "create", "--name", "demo",
+    out = subprocess.run([sys.executable, "-m", "scalecap_command", "keys", "create", "--name", "demo",
                           "--scopes", "submit,read"], env=env, cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
     lines = [line for line in out.splitlines() if ": " in line and not line.startswith("#")]
@@ -175,12 +175,12 @@ def run(args: argparse.Namespace, services: Services) -> int:
     try:
         port = args.port or free_port()
         base = f"http://127.0.0.1:{port}"
-        services.start("api", [sys.executable, "-m", "producer.cli", "api", "--host", "127.0.0.1",
+        services.start("api", [sys.executable, "-m", "scalecap_command", "api", "--host", "127.0.0.1",
                                "--port", str(port)])
-        services.start("worker-io", [sys.executable, "-m", "producer.cli", "worker", "--io",
+        services.start("worker-io", [sys.executable, "-m", "scalecap_command", "worker", "--io",
                                      "--hostname", "demo-io@%h"], ready=" ready.", timeout=120)
         say("starting the caption worker (loads the engine once; on a CPU this takes a minute)")
-        services.start("worker", [sys.executable, "-m", "producer.cli", "worker", "--model", args.model,
+        services.start("worker", [sys.executable, "-m", "scalecap_command", "worker", "--model", args.model,
                                   "--concurrency", str(args.concurrency), "--hostname", "demo-gpu@%h",
                                   *args.worker_arg], ready=" ready.", timeout=900)
         wait_http(f"{base}/healthz", services)

@@ -2,7 +2,7 @@
 
 `api_stack` starts, on a fresh Redis DB of the session's redis-server and the session's S3 server:
 a scripted-VLM worker for model "scripted", an I/O worker (webhooks) and the API process, exactly
-as an operator would (`python -m producer.cli api`). Keys for two tenants, an admin, a revoked
+as an operator would (`python -m scalecap_command api`). Keys for two tenants, an admin, a revoked
 key and a read-only key are made through the CLI and parsed from its output.
 """
 
@@ -46,7 +46,7 @@ class Key:
 
 
 def cli(env: dict[str, str], *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=env, cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "scalecap_command", *args], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise RuntimeError(f"scalecap {' '.join(args)} failed ({out.returncode}):\n{out.stderr}")
@@ -74,7 +74,8 @@ class ApiProcess:
     def start(self, timeout: float = 60.0) -> ApiProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "api", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "scalecap_command", "api", "--host", "127.0.0.1",
+             "--port", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout

@@ -1,6 +1,6 @@
 """Real `scalecap worker` processes for the fleet tests, and small helpers around them.
 
-Workers are started exactly as an operator would (`python -m producer.cli worker ...`) with their
+Workers are started exactly as an operator would (`python -m scalecap_command worker ...`) with their
 own environment; a worker counts as up when Celery logs "ready.". Every worker a test starts is
 stopped (SIGTERM, then SIGKILL) when the `fleet` fixture tears down.
 """
@@ -67,7 +67,7 @@ class WorkerProcess:
     def start(self, timeout: float = 60.0) -> WorkerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", *self.args],
+            [sys.executable, "-m", "scalecap_command", "worker", *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True,
         )
         log.close()

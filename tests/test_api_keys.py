@@ -61,7 +61,7 @@ def test_scopes(keys: KeyStore):
 
 
 def test_cli_prints_the_key_once_in_lines_scripts_parse(redis_url: str, capsys):
-    from producer.cli import main
+    from scalecap_command import main
 
     broker = ["--broker-url", redis_url]
     assert main(["keys", "create", "--name", "demo", "--scopes", "submit,read", *broker]) == 0

@@ -72,7 +72,7 @@ def secure_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureRed
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "scalecap_command", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
@@ -189,7 +189,7 @@ def test_a_failing_run_prints_no_secret(secure_redis, tmp_path):
                                       "SCALECAP_WEBHOOK_MAX_ATTEMPTS": "1"})  # fmt: skip
     try:
         bad_worker.proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", *bad_worker.args],
+            [sys.executable, "-m", "scalecap_command", "worker", *bad_worker.args],
             stdout=open(bad_worker.log_path, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
             env=bad_worker.env, cwd=REPO, start_new_session=True,
         )

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def caption_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "producer.cli", "caption", *args]
+    return [sys.executable, "-m", "scalecap_command", "caption", *args]
 
 
 def run(args, **kw):

@@ -62,7 +62,7 @@ def test_scalecap_caption_cli_on_vllm(tmp_path, tiny_model_dir):
     src.write_text("".join(json.dumps({"image": str(corpus[n])}) + "\n" for n in names) + "{oops\n")
     out = tmp_path / "out.jsonl"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
-    cmd = [sys.executable, "-m", "producer.cli", "caption", str(src), "-o", str(out),
+    cmd = [sys.executable, "-m", "scalecap_command", "caption", str(src), "-o", str(out),
            "--backend", "vllm", "--model", str(tiny_model_dir), "--max-model-len", "1024",
            "--enforce-eager", "--dtype", "bfloat16", "--max-num-seqs", "8", "--no-progress", *flags]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",

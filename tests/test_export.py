@@ -36,7 +36,7 @@ def _readme_commands() -> list[str]:
 
 
 def _run(line: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "producer.cli", *shlex.split(line)[1:]]
+    argv = [sys.executable, "-m", "scalecap_command", *shlex.split(line)[1:]]
     proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{line}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return proc

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from scalecap.errors import ImageAccessDenied, ImageFetchError, ImageNotFound
-from scalecap.images.load import ImageLimits, load_image
+from scalecap.images import ImageLimits, load_image
 
 FAST = dict(allow_private_urls=True, http_timeout=5, fetch_backoff=0.01, fetch_backoff_max=0.05)
 SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'

@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from producer.cli import COMMANDS, main
+from scalecap_command import COMMANDS, main
 from tests.fleet_support import REPO
 
 
@@ -33,7 +33,7 @@ def test_producer_commands_never_import_torch_or_vllm(redis_url, tmp_path):
     manifest.write_text('{"image": "/nowhere/a.png"}\n{"image": "/nowhere/b.png"}\nnot json\n')
     code = f"""
 import contextlib, io, json, sys
-from producer.cli import main
+from scalecap_command import main
 url = {redis_url!r}
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
@@ -83,7 +83,7 @@ def test_worker_refuses_to_pin_after_engine_import(tmp_path):
     """`scalecap worker --gpus` in a process that imported torch first fails clearly."""
     code = (
         "import sys, types; sys.modules['torch'] = types.ModuleType('torch');"
-        "from producer.cli import main;"
+        "from scalecap_command import main;"
         "sys.exit(main(['worker', '--gpus', '0', '--backend', 'tests.fleet_vlms:FleetVLM', '--model', 'm']))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -65,7 +65,7 @@ def test_producer_killed_mid_submit_then_resubmitted(redis_server, tmp_path, s3_
         sink = f"s3://{s3_bucket}/p"
         args = ["submit", *map(str, images), "--sink", sink, "--model", "scripted", "--batch-id", "crash1",
                 "--broker-url", fleet.redis_url]
-        code = f"import sys; from producer.cli import main; sys.exit(main({args!r}))"
+        code = f"import sys; from scalecap_command import main; sys.exit(main({args!r}))"
         env = {**fleet.env, "SCALECAP_FAILPOINT": "submit_after_register:exit"}
         proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                               env=env, timeout=120)
@@ -85,7 +85,7 @@ def test_producer_killed_mid_submit_then_resubmitted(redis_server, tmp_path, s3_
 
         # The crashed producer's note is still there: the reconciler publishes it once; the
         # workers find every job final and do nothing.
-        from producer.cli import main
+        from scalecap_command import main
 
         assert main(["reconcile", "--grace", "0", "--broker-url", fleet.redis_url]) == 0
         assert client.redis.zcard(UNPUBLISHED_KEY) == 0

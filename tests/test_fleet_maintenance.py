@@ -91,7 +91,7 @@ def test_reconcile_publishes_forgotten_chunks_and_takes_back_expired_leases(redi
 
 def test_resubmission_with_another_config_or_model_is_refused_with_exit_2(redis_url, capsys):
     """(Another sink is refused the same way: tests/test_fleet_scripts.py, create_batch.)"""
-    from producer.cli import main
+    from scalecap_command import main
 
     tail = ["--batch-id", "mm", "--broker-url", redis_url]
     assert main(["submit", "/x/1.png", "--model", "m", *tail]) == 0
@@ -130,7 +130,7 @@ def test_submit_waits_while_too_many_images_are_queued(redis_url):
 
 
 def test_purge_one_batch_and_batches_finished_before_a_date(redis_url):
-    from producer.cli import main
+    from scalecap_command import main
 
     c = _client(redis_url)
     ids = []
@@ -165,7 +165,7 @@ def test_webhook_secret_is_the_batch_owners_when_the_key_has_one(redis_url):
 
 def test_worker_refuses_a_visibility_timeout_under_twice_the_job_timeout(redis_url):
     argv = ["worker", "--backend", "tests.fleet_vlms:FleetVLM", "--model", "m", "--broker-url", redis_url]
-    code = f"import sys; from producer.cli import main; sys.exit(main({argv!r}))"
+    code = f"import sys; from scalecap_command import main; sys.exit(main({argv!r}))"
     env = {"SCALECAP_VISIBILITY_TIMEOUT": "100", "SCALECAP_JOB_TIMEOUT": "60", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=60, env=env)
@@ -212,7 +212,7 @@ def test_status_reads_a_capped_tail_of_the_webhook_attempts(redis_url):
 
 
 def test_submit_chunk_size_sets_images_per_message(redis_url, capsys):
-    from producer.cli import main
+    from scalecap_command import main
 
     refs = [f"/x/{i}.png" for i in range(7)]
     assert main(["submit", *refs, "--model", "nobody", "--chunk-size", "3", "--broker-url", redis_url]) == 0

@@ -128,7 +128,7 @@ def test_webhook_retried_until_accepted_and_attempts_visible(fleet: Fleet, webho
     assert event["data"]["counts"]["done"] == 2
     assert "final_caption" not in got[-1].body.decode()  # thin payload
 
-    from producer.cli import main
+    from scalecap_command import main
 
     def status() -> dict:
         out = io.StringIO()

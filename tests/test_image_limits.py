@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from scalecap.errors import ImageTooLarge
-from scalecap.images.load import ImageLimits, decode_gate, load_image
+from scalecap.images import ImageLimits, decode_gate, load_image
 from tests.image_corpus import huge_png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_decodes_wait_for_a_free_slot_of_the_gate():
 
 def _peak_rss_kib(code: str) -> tuple[int, str]:
     """Run `code` in a fresh interpreter; (its peak RSS growth in KiB over the import baseline, stdout)."""
-    script = "import resource, sys\nfrom scalecap.images.load import ImageLimits, load_image\n" + (
+    script = "import resource, sys\nfrom scalecap.images import ImageLimits, load_image\n" + (
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         + textwrap.dedent(code)
         + "\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n"
@@ -119,7 +119,7 @@ def test_a_run_with_a_decompression_bomb_fails_that_image_only_and_stays_small(t
         argv = ["scalecap", "caption", str(manifest), "-o", str(out), "--backend", SCRIPTED,
                 "--model", "scripted", "--max-questions", "1", "--no-progress"]  # fmt: skip
         script = (
-            "import resource, sys\nfrom producer.cli import main\n"
+            "import resource, sys\nfrom scalecap_command import main\n"
             f"sys.argv = {argv!r}\nrc = main(sys.argv[1:])\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)\n"
         )

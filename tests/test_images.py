@@ -1,4 +1,4 @@
-"""scalecap.images.load: every reference kind, every corpus file, and the guards (roots, addresses, caps).
+"""scalecap.images: every reference kind, every corpus file, and the guards (roots, addresses, caps).
 
 HTTP tests run against a real http.server on 127.0.0.1; S3 tests against the real SeaweedFS.
 """
@@ -31,14 +31,14 @@ from scalecap.errors import (
     ImageTooLarge,
     NotAnImage,
 )
-from scalecap.images.load import (
+from scalecap.images import (
     ImageLimits,
-    _forbidden_reason,
     describe_source,
     encode_data_url,
     image_ref_kind,
     load_image,
 )
+from scalecap.netguard import forbidden_reason
 from tests.image_corpus import (
     EXPECTED_ERRORS,
     GOOD,
@@ -171,7 +171,7 @@ def test_20000x20000_png_is_refused_without_allocating_its_bitmap(corpus):
         f"""
         import resource, sys
         from scalecap.errors import ImageTooLarge
-        from scalecap.images.load import load_image
+        from scalecap.images import load_image
         load_image({str(corpus["jpeg"])!r})
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
@@ -353,7 +353,7 @@ def test_limits_are_validated():
     ],
 )
 def test_address_policy(addr, reason):
-    assert _forbidden_reason(ipaddress.ip_address(addr)) == reason
+    assert forbidden_reason(ipaddress.ip_address(addr)) == reason
 
 
 def test_threads_load_concurrently(corpus):

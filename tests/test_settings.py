@@ -53,7 +53,7 @@ def test_s3_client_kwargs_only_set_what_is_given():
 
 
 def test_security_and_image_settings_reach_the_image_limits():
-    from scalecap.images.load import ImageLimits
+    from scalecap.images import ImageLimits
 
     s = Settings.from_env({
         "SCALECAP_MAX_DECODE_PIXELS": "1000000",

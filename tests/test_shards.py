@@ -19,8 +19,9 @@ from PIL import Image
 
 from producer.sources import SourceRow, expand, expand_braces
 from scalecap.errors import ImageAccessDenied, ImageError, NotAnImage, TruncatedImage
-from scalecap.images.load import ImageLimits, load_image
-from scalecap.images.shards import MemberRef, RowRef, Span, attach_source, locations, parse_ref, source_meta
+from scalecap.images import ImageLimits, load_image
+from scalecap.images.refs import MemberRef, RowRef, Span, locations, parse_ref
+from scalecap.images.shards import attach_source, source_meta
 from tests.scripted_vlm import COLOURS
 
 # --- builders (also used by the export tests) -----------------------------------------------------

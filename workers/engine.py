@@ -19,7 +19,7 @@ from typing import Any
 from scalecap.backends.base import Backend
 from scalecap.chain import ChainItem, ScaleCapChain
 from scalecap.config import ImageScaleCaptionGenerateConfig
-from scalecap.images.load import ImageLimits
+from scalecap.images import ImageLimits
 from scalecap.runtime import BackgroundLoop
 from scalecap.settings import Settings
 from workers import metrics

@@ -43,6 +43,7 @@ from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.errors import ConfigError
 from scalecap.fleet.keys import ApiKey
 from scalecap.fleet.protocol import gpu_queue
+from scalecap.images import bucket_allowed, bucket_refusal
 
 router = APIRouter(prefix="/v1", tags=["batches"], dependencies=[Depends(no_unknown_query)])
 
@@ -154,8 +155,7 @@ def _check_source(request: Request, url: str) -> None:
     if not bucket:
         raise bad_request("source: no bucket", "bad-reference")
     prefix = prefix.split("{", 1)[0]  # a brace pattern: list what comes before its first group
-    allowed = getattr(settings, "allowed_buckets", None) or []
-    if allowed and bucket not in allowed:
+    if not bucket_allowed(bucket, getattr(settings, "allowed_buckets", None) or []):
         raise bad_request(f"source: bucket {bucket!r} is not allowed", "bad-reference")
     try:
         s3 = request.app.state.client._s3_client()
@@ -170,11 +170,11 @@ def _check_bucket(request: Request, ref: str) -> str:
         return ref
     opened = [ref]
     if ref.startswith(("wds+", "pq+")):
-        from scalecap.images.shards import locations
+        from scalecap.images import locations
 
         opened = locations(ref)  # check_ref has vetted its form already
     for loc in opened:
-        if loc.startswith("s3://") and loc[5:].partition("/")[0] not in allowed:
+        if bucket_refusal(loc, allowed):
             raise RefError(f"{ref[:120]}: bucket is not allowed")
     return ref
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from urllib.parse import unquote, urlsplit
 
 from producer.sources import SourceRow
+from scalecap.images import under_roots
 
 MAX_REF_CHARS = 8 * 1024
 """Longest reference other than a data: URI (a URL, a path, a shard reference)."""
@@ -27,14 +28,6 @@ class RefError(ValueError):
     """A reference the API refuses; the message says why."""
 
 
-def _under(path: str, roots: Sequence[str]) -> bool:
-    for root in roots:
-        r = os.path.normpath(os.path.abspath(root))
-        if path == r or path.startswith(r.rstrip(os.sep) + os.sep):
-            return True
-    return False
-
-
 def _check_local(path: str, roots: Sequence[str], shown: str) -> str:
     if not roots:
         raise RefError(f"{shown}: local files are not allowed (no SCALECAP_ALLOWED_ROOTS)")
@@ -43,8 +36,9 @@ def _check_local(path: str, roots: Sequence[str], shown: str) -> str:
     if "\x00" in path:
         raise RefError(f"{shown}: invalid path")
     norm = os.path.normpath(path)
-    if not _under(norm, roots) or (os.path.lexists(norm) and not _under(os.path.realpath(norm),
-                                                                      [os.path.realpath(r) for r in roots])):
+    # the workers' rule (scalecap.images.local), lexically and, where the path exists here, resolved
+    resolved_out = os.path.lexists(norm) and not under_roots(norm, roots)
+    if not under_roots(norm, roots, resolve=False) or resolved_out:
         raise RefError(f"{shown}: outside the allowed roots")
     return norm
 
@@ -69,7 +63,7 @@ def check_ref(ref: object, roots: Sequence[str]) -> str:
 
 def _check(ref: str, low: str, roots: Sequence[str], shown: str) -> str:
     if low.startswith(("wds+", "pq+")):  # a WebDataset member or a Parquet row: vet what it opens
-        from scalecap.images.shards import locations
+        from scalecap.images import locations
 
         try:
             opened = locations(ref)

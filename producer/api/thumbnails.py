@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import Any
 
 from scalecap.errors import ImageError, ImageFetchError
-from scalecap.images.load import ImageLimits, load_image
+from scalecap.images import ImageLimits, load_image
 from scalecap.settings import Settings
 
 SIZES = (160, 640)
@@ -49,7 +49,7 @@ _clients: dict[int, Any] = {}
 def _s3_client(settings: Settings) -> Any:
     key = id(settings)
     if key not in _clients:
-        from scalecap.fleet.sinks import s3_client
+        from scalecap.images import s3_client
 
         _clients[key] = s3_client(settings)
     return _clients[key]

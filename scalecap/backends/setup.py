@@ -12,7 +12,7 @@ from scalecap.backends import create_backend
 from scalecap.backends.base import Backend
 from scalecap.chain import ScaleCapChain
 from scalecap.config import ImageScaleCaptionGenerateConfig
-from scalecap.images.load import ImageLimits
+from scalecap.images import ImageLimits
 
 
 async def create_llm(config: ImageScaleCaptionGenerateConfig) -> Backend | None:

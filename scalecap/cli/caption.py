@@ -114,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
 
     backend, model, opts = engine_options(args, settings)
     concurrency = args.concurrency or settings.concurrency
-    from scalecap.images.load import ImageLimits
+    from scalecap.images import ImageLimits
     from scalecap.runtime import default_loop
 
     limits = ImageLimits.from_settings(

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from scalecap.errors import ScaleCapError
+from scalecap.images.s3 import s3_client  # the one S3 client factory (botocore retries here)
 
 REDIS_PREFIX = "scalecap:result:"
 EXPORT_NAME = "records.jsonl"
@@ -225,21 +226,6 @@ class RedisSink:
 
 
 # ----------------------------------------------------------------------------- factory
-
-
-def s3_client(settings: Any, **config: Any) -> Any:
-    """A boto3 S3 client from Settings, with standard-mode retries and bounded timeouts."""
-    import boto3
-    from botocore.config import Config
-
-    cfg = Config(
-        retries={"max_attempts": 5, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
-        s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
-        **config,
-    )
-    return boto3.client("s3", config=cfg, **settings.s3_client_kwargs())
 
 
 def open_sink(url: str, *, settings: Any, redis_client: Any) -> Sink:
