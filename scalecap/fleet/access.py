@@ -36,13 +36,9 @@ class ScopeRefused(PermissionError):
 
 
 def _inside(path: str, roots: Sequence[str], *, resolve: bool) -> bool:
-    norm = os.path.realpath if resolve else (lambda p: os.path.normpath(os.path.abspath(p)))
-    real = norm(path)
-    for root in roots:
-        r = norm(str(root))
-        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
-            return True
-    return False
+    from scalecap.images import under_roots
+
+    return under_roots(path, roots, resolve=resolve)
 
 
 def _local(path: str, scope: Any, fleet_roots: Sequence[str], shown: str) -> None:
@@ -83,7 +79,7 @@ def check(ref: str, scope: Any, fleet_roots: Sequence[str], fleet_buckets: Seque
     if low.startswith(("http://", "https://", "data:")):
         return
     if low.startswith(("wds+", "pq+")):
-        from scalecap.images.shards import locations
+        from scalecap.images import locations
 
         try:
             opened = locations(ref)

@@ -142,12 +142,23 @@ def read_shard_ref(ref: str, limits: ImageLimits, desc: str) -> bytes | str:
     """The image bytes a reference points at, or (a Parquet URL column) the inner reference to load."""
     p = parse_ref(ref)
     if isinstance(p, MemberRef):
-        return read_range(p.shard, p.span, limits, desc)
+        return _member(p, p.ext, p.span, limits, desc)
     if p.url is not None:
         if is_shard_ref(p.url):
             raise ImageError(f"{desc}: a URL column may not hold another shard reference")
         return p.url
     return _read_cell(p, limits, desc)
+
+
+def _member(p: MemberRef, ext: str, span: Span, limits: ImageLimits, desc: str) -> bytes:
+    """A member's data, read with its tar header, which must name exactly this sample's `.ext`
+    member (members.py): whoever wrote the reference, no other bytes are read."""
+    from scalecap.images.members import read_member
+
+    def read(offset: int, size: int) -> bytes:
+        return read_range(p.shard, Span(offset, size), limits, desc)
+
+    return read_member(read, p.key, ext, span.offset, span.size, desc)
 
 
 def _read_cell(p: RowRef, limits: ImageLimits, desc: str) -> bytes:
@@ -214,7 +225,7 @@ def source_meta(ref: str, limits: ImageLimits) -> dict[str, Any] | None:
             errors[ext] = f"{span.size} bytes is over {MAX_SIDECAR_BYTES}: not read"
             continue
         try:
-            raw = read_range(p.shard, span, limits, f"{describe_shard(ref)} .{ext}")
+            raw = _member(p, ext, span, limits, f"{describe_shard(ref)} .{ext}")
             text = raw.decode("utf-8", errors="replace")
             out[ext] = json.loads(text) if ext == "json" else text
         except (ImageError, ValueError) as exc:
