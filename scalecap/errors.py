@@ -2,6 +2,10 @@
 
 Errors raised while captioning one image carry the stage and the image, so a record of
 the failure can say where and why without a traceback.
+
+Two branches say what another try would do (scalecap.retry decides for foreign exceptions):
+a TerminalError fails the same way again, so its image fails at once; a RetryableError is
+temporary (overload, a dropped connection) and worth the bounded retries.
 """
 
 from __future__ import annotations
@@ -11,20 +15,30 @@ class ScaleCapError(Exception):
     """Root of every error this package raises on purpose."""
 
 
-class ConfigError(ScaleCapError, ValueError):
-    """A configuration value or file is invalid."""
+class TerminalError(ScaleCapError):
+    """The same work fails the same way on every try: no retry, its image fails at once."""
+
+
+class RetryableError(ScaleCapError):
+    """A temporary failure: the same work may succeed on a later try."""
+
+
+class ConfigError(TerminalError, ValueError):
+    """A configuration value or file is invalid, or the engine cannot serve the config."""
 
 
 class BackendError(ScaleCapError):
-    """The model engine failed or returned something unusable."""
+    """The model engine failed or returned something unusable (retried, bounded: it may recover)."""
 
 
-class RetryableBackendError(BackendError):
+class RetryableBackendError(BackendError, RetryableError):
     """A transient engine failure (overload, 5xx, connection reset): worth another try."""
 
 
-class ImageError(ScaleCapError):
-    """Base for every reason one image cannot be loaded."""
+class ImageError(TerminalError):
+    """Base for every reason one image cannot be loaded (final for that image).
+
+    ImageFetchError is one too: the fetch spent its own retries before raising it."""
 
 
 class ImageNotFound(ImageError):

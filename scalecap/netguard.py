@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,10 +177,3 @@ def ssl_context() -> Any:
         if not _ssl:
             _ssl.append(httpx.create_ssl_context())
     return _ssl[0]
-
-
-def policy_for(
-    allow_private: bool, networks: Sequence[str] = (), setting: str = "allow_private_urls"
-) -> AddressPolicy:
-    """A policy from settings values (CIDR strings); ConfigError on a bad network."""
-    return AddressPolicy(bool(allow_private), parse_networks(networks), setting)

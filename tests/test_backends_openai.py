@@ -24,8 +24,9 @@ from PIL import Image
 
 from scalecap.backends import create_backend
 from scalecap.backends.base import Backend, GenerateRequest, ScoreRequest
-from scalecap.backends.openai import OpenAIBackend, _retry_after, _server_root
+from scalecap.backends.openai import MAX_RETRY_AFTER, OpenAIBackend, _server_root
 from scalecap.errors import BackendError, ConfigError, RetryableBackendError
+from scalecap.retry import retry_after
 from tests import backend_contract as contract
 
 # --- a scripted HTTP server (tests our client logic, not a model) -------------------------------
@@ -179,11 +180,11 @@ def test_create_rejects_unknown_and_bad_options() -> None:
 def test_helpers() -> None:
     assert _server_root("http://h:8000/v1") == "http://h:8000"
     assert _server_root("http://h:8000/api") == "http://h:8000/api"
-    assert _retry_after("2") == 2.0
-    assert _retry_after("0") == 0.0
-    assert _retry_after(None) is None and _retry_after("soon") is None
-    assert _retry_after("100000") == 60.0
-    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+    assert retry_after("2", cap=MAX_RETRY_AFTER) == 2.0
+    assert retry_after("0", cap=MAX_RETRY_AFTER) == 0.0
+    assert retry_after(None) is None and retry_after("soon") is None
+    assert retry_after("100000", cap=MAX_RETRY_AFTER) == 60.0
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
 
 
 def test_empty_model_takes_the_served_name(fake: FakeServer) -> None:
@@ -346,10 +347,10 @@ def test_backoff_grows_with_jitter_and_honours_retry_after(
 
     run(go)
     assert len(waits) == 4
-    assert 0.5 <= waits[0] <= 1.0  # ceiling 1: between half and all of it
-    assert 1.0 <= waits[1] <= 2.0  # ceiling 2
+    assert 0 <= waits[0] <= 1.0  # ceiling 1, full jitter (scalecap.retry.backoff)
+    assert 0 <= waits[1] <= 2.0  # ceiling 2
     assert waits[2] == 7.0  # Retry-After wins over the backoff
-    assert 1.5 <= waits[3] <= 3.0  # ceiling capped at backoff_max
+    assert 0 <= waits[3] <= 3.0  # ceiling capped at backoff_max
 
 
 def test_gives_up_after_max_retries(fake: FakeServer) -> None:

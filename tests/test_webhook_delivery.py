@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import email.utils
 import json
-import random
 import socket
+import time
 
 import pytest
 
 from tests.fixtures_services import free_ports
-from workers.webhook_delivery import (
-    backoff_delay,
-    deliver_event,
-    event_id,
-    event_payload,
-    parse_retry_after,
-)
+from workers.webhook_delivery import deliver_event, event_id, event_payload
 
 COUNTS = {"total": 3, "done": 2, "failed": 1, "cancelled": 0}
 
@@ -56,44 +50,25 @@ def test_event_payload_is_thin_and_its_id_is_stable():
         event_payload("batch.finished", "b", COUNTS, None)
 
 
-def test_parse_retry_after_seconds_and_http_date():
-    assert parse_retry_after("7") == 7.0
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
-    date = email.utils.formatdate(1_000_030, usegmt=True)
-    assert parse_retry_after(date, now=1_000_000) == pytest.approx(30.0)
-    assert parse_retry_after(email.utils.formatdate(10, usegmt=True), now=1_000) == 0.0
-
-
-def test_backoff_is_full_jitter_below_an_exponential_cap():
-    rng = random.Random(0)
-    for attempt, cap in [(1, 1.0), (2, 2.0), (3, 4.0), (10, 60.0)]:
-        delays = [backoff_delay(attempt, 1.0, 60.0, rng) for _ in range(200)]
-        assert all(0 <= d <= cap for d in delays)
-        assert max(delays) > cap / 2  # jitter spreads over the whole range
-
-
 # ----------------------------------------------------------------------------- real receiver
 
 
 @pytest.mark.services
-def test_fails_twice_then_delivered_on_attempt_three(webhook_receiver, redis_client):
+def test_one_attempt_per_call_each_recorded_until_delivered(webhook_receiver, redis_client):
+    """Retries belong to the webhook task; each call is one signed POST with the same id."""
     webhook_receiver.fail_next(2, status=500)
-    delays: list[float] = []
-    outcome = deliver_event(
-        webhook_receiver.url,
-        _event(),
-        secret=webhook_receiver.secret,
-        redis_client=redis_client,
-        attempts_key="scalecap:webhook:b_1",
-        sleep=delays.append,
-        allow_private=True,
-    )
-    assert outcome.delivered and outcome.attempts == 3 and outcome.last_status == 200
+    outcomes = [
+        deliver_event(webhook_receiver.url, _event(), secret=webhook_receiver.secret,
+                      redis_client=redis_client, attempts_key="scalecap:webhook:b_1",
+                      allow_private=True, attempt=n)
+        for n in (1, 2, 3)
+    ]  # fmt: skip
+    assert [(o.delivered, o.attempts, o.last_status, o.temporary) for o in outcomes] == [
+        (False, 1, 500, True), (False, 1, 500, True), (True, 1, 200, False)]  # fmt: skip
     got = webhook_receiver.wait_for(3, timeout=5)
     assert len(got) == 3
     assert all(r.verified for r in got)
-    assert {r.headers["webhook-id"] for r in got} == {outcome.webhook_id}
+    assert {r.headers["webhook-id"] for r in got} == {outcomes[0].webhook_id}
     assert got[-1].json()["data"]["counts"] == COUNTS
     attempts = _attempts(redis_client, "scalecap:webhook:b_1")
     assert [a["attempt"] for a in attempts] == [1, 2, 3]
@@ -101,29 +76,21 @@ def test_fails_twice_then_delivered_on_attempt_three(webhook_receiver, redis_cli
     assert [a["error"] for a in attempts] == ["HTTP 500", "HTTP 500", None]
     assert all(a["duration_ms"] >= 0 and a["at"] for a in attempts)
     assert redis_client.ttl("scalecap:webhook:b_1") > 0
-    assert len(delays) == 2 and 0 <= delays[0] <= 1.0 and 0 <= delays[1] <= 2.0
 
 
 @pytest.mark.services
-def test_retry_after_is_honoured_and_capped(webhook_receiver, redis_client):
-    webhook_receiver.fail_next(1, status=429, retry_after=7)
+def test_retry_after_is_reported_in_seconds_or_as_a_date(webhook_receiver, redis_client):
     webhook_receiver.fail_next(1, status=503, retry_after=3600)
-    date = email.utils.formatdate(usegmt=True)  # "now": no wait
-    webhook_receiver.fail_next(1, status=503, retry_after=date)
-    delays: list[float] = []
-    outcome = deliver_event(
-        webhook_receiver.url,
-        _event(),
-        secret=webhook_receiver.secret,
-        redis_client=redis_client,
-        attempts_key="k",
-        max_delay=60.0,
-        sleep=delays.append,
-        allow_private=True,
-    )
-    assert outcome.delivered and outcome.attempts == 4
-    assert delays[:2] == [7.0, 60.0]
-    assert 0 <= delays[2] <= 1.0
+    in_30s = email.utils.formatdate(time.time() + 30, usegmt=True)
+    webhook_receiver.fail_next(1, status=429, retry_after=in_30s)
+
+    def once():
+        return deliver_event(webhook_receiver.url, _event(), secret=webhook_receiver.secret,
+                             redis_client=redis_client, attempts_key="k", allow_private=True)  # fmt: skip
+
+    first, second = once(), once()
+    assert first.temporary and first.retry_after == 3600.0  # the task caps it
+    assert second.temporary and 20 < second.retry_after <= 31
 
 
 @pytest.mark.services
@@ -132,57 +99,48 @@ def test_one_attempt_reports_the_receivers_retry_after(webhook_receiver, redis_c
     # receiver's Retry-After from the outcome.
     webhook_receiver.fail_next(1, status=429, retry_after=42)
     outcome = deliver_event(webhook_receiver.url, _event(), secret=webhook_receiver.secret,
-                            redis_client=redis_client, attempts_key="k1", max_attempts=1,
-                            allow_private=True)
+                            redis_client=redis_client, attempts_key="k1", allow_private=True)
     assert not outcome.delivered and outcome.last_status == 429 and outcome.retry_after == 42.0
     ok = deliver_event(webhook_receiver.url, _event(), secret=webhook_receiver.secret,
-                       redis_client=redis_client, attempts_key="k1", max_attempts=1, allow_private=True)
+                       redis_client=redis_client, attempts_key="k1", allow_private=True)
     assert ok.delivered and ok.retry_after is None
 
 
 @pytest.mark.services
 def test_client_error_is_final(webhook_receiver, redis_client):
     webhook_receiver.fail_next(1, status=410)
-    delays: list[float] = []
     outcome = deliver_event(
         webhook_receiver.url,
         _event(),
         secret=webhook_receiver.secret,
         redis_client=redis_client,
         attempts_key="k",
-        sleep=delays.append,
         allow_private=True,
     )
-    assert not outcome.delivered
+    assert not outcome.delivered and not outcome.temporary
     assert (outcome.attempts, outcome.last_status, outcome.last_error) == (1, 410, "HTTP 410")
-    assert delays == []
     assert len(webhook_receiver.requests) == 1
 
 
 @pytest.mark.services
-def test_dead_receiver_is_bounded_and_never_raises(redis_client):
+def test_dead_receiver_is_a_temporary_failure_and_never_raises(redis_client):
     (port,) = free_ports(1)  # nothing listens there
-    delays: list[float] = []
     outcome = deliver_event(
         f"http://127.0.0.1:{port}/hook",
         _event(),
         secret="whsec_" + "A" * 32,
         redis_client=redis_client,
         attempts_key="dead",
-        max_attempts=4,
-        sleep=delays.append,
         allow_private=True,
     )
-    assert not outcome.delivered and outcome.attempts == 4 and outcome.last_status is None
-    assert "ConnectError" in outcome.last_error
-    attempts = _attempts(redis_client, "dead")
-    assert [a["status"] for a in attempts] == [None] * 4
-    assert all("ConnectError" in a["error"] for a in attempts)
-    assert len(delays) == 3  # no sleep after the last attempt
+    assert not outcome.delivered and outcome.attempts == 1 and outcome.last_status is None
+    assert outcome.temporary and "ConnectError" in outcome.last_error
+    (entry,) = _attempts(redis_client, "dead")
+    assert entry["status"] is None and "ConnectError" in entry["error"]
 
 
 @pytest.mark.services
-def test_a_receiver_that_never_answers_times_out_and_retries(redis_client):
+def test_a_receiver_that_never_answers_times_out_temporarily(redis_client):
     with socket.socket() as silent:  # accepts connections (kernel backlog), never replies
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
@@ -193,13 +151,11 @@ def test_a_receiver_that_never_answers_times_out_and_retries(redis_client):
             redis_client=redis_client,
             attempts_key="slow",
             timeout=0.3,
-            max_attempts=2,
-            sleep=lambda s: None,
             allow_private=True,
         )
-    assert not outcome.delivered and outcome.attempts == 2
+    assert not outcome.delivered and outcome.attempts == 1 and outcome.temporary
     assert "Timeout" in outcome.last_error
-    assert len(_attempts(redis_client, "slow")) == 2
+    assert len(_attempts(redis_client, "slow")) == 1
 
 
 @pytest.mark.services
@@ -210,9 +166,8 @@ def test_private_address_is_refused_without_sending(webhook_receiver, redis_clie
         secret=webhook_receiver.secret,
         redis_client=redis_client,
         attempts_key="refused",
-        sleep=lambda s: pytest.fail("must not retry a refused URL"),
     )
-    assert not outcome.delivered and outcome.attempts == 0
+    assert not outcome.delivered and outcome.attempts == 0 and not outcome.temporary
     assert "a loopback address" in outcome.last_error
     assert webhook_receiver.requests == []
     (entry,) = _attempts(redis_client, "refused")
@@ -242,8 +197,8 @@ def test_dns_rebinding_is_refused_at_connect_time(webhook_receiver, redis_client
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     url = f"http://hooks.rebind.test:{port}/hook?token=tok-secret-42"
     outcome = deliver_event(url, _event(), secret=webhook_receiver.secret, redis_client=redis_client,
-                            attempts_key="rebind", sleep=lambda s: pytest.fail("no retry"))  # fmt: skip
-    assert not outcome.delivered and outcome.attempts == 1
+                            attempts_key="rebind")  # fmt: skip
+    assert not outcome.delivered and outcome.attempts == 1 and not outcome.temporary
     assert "refused at connect" in outcome.last_error and "127.0.0.1" in outcome.last_error
     assert webhook_receiver.requests == []
     (entry,) = _attempts(redis_client, "rebind")

@@ -109,15 +109,6 @@ class EngineRuntime:
                 self._chains[key] = chain
         return chain
 
-    def caption(self, config_json: str | dict[str, Any], ref: str, job_id: str) -> dict[str, Any]:
-        """The record of one image; blocks this task thread while the loop runs the chain."""
-        chain = self.chain(config_json)
-        record = self.loop.run(metrics.track(chain.caption(ChainItem(source=ref, ref=ref, job_id=job_id))))
-        metrics.observe_record(record)  # stage seconds, tokens, error type
-        from scalecap.images.shards import attach_source  # a shard member's key and sidecars
-
-        return attach_source(record, ref, chain.image_limits)
-
     def caption_chunk(
         self, config_json: str | dict[str, Any], items: list[tuple[str, str]], timeout: float | None
     ) -> list[dict[str, Any] | BaseException]:

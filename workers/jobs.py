@@ -19,27 +19,26 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from scalecap.errors import BackendError
+from scalecap.errors import BackendError, ConfigError, TerminalError
 from scalecap.fleet import failpoints
 from scalecap.fleet.protocol import BatchStore, Chunk, JobMessage, Outcome, batch_key
 from scalecap.fleet.sinks import Sink, SinkError, open_sink
-from scalecap.record import is_error
+from scalecap.record import error_record, is_error
+from scalecap.retry import backoff
 from scalecap.settings import Settings
 from workers.engine import EngineRuntime, JobTimeout, is_retryable_record
 
 log = logging.getLogger(__name__)
 
 
-def retry_delay(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
-    """Exponential backoff with jitter, in seconds."""
-    return min(cap, base * 2 ** max(0, attempt - 1)) * random.uniform(0.5, 1.0)
+RETRY_BASE, RETRY_CAP = 1.0, 60.0
+"""Seconds: a job's next run waits up to 1, 2, 4 ... s after its n-th run, at most 60 s."""
 
 
 def lease_seconds(settings: Settings) -> float:
@@ -252,7 +251,7 @@ def _process(ctx: JobContext, msg: JobMessage) -> dict[str, int]:
 
     again = [o.job_id for o in outcomes if o.outcome in ("retry", "requeue")]
     runs = max((int(v.get("runs", 1)) for v in store.jobs_view(b, again) if v), default=1)
-    retry_in = retry_delay(runs) if again else 0.0
+    retry_in = backoff(runs, RETRY_BASE, RETRY_CAP) if again else 0.0
     fin = store.finish(b, outcomes, token=token, lease=claim.lease, max_attempts=s.max_attempts,
                        queue=meta.queue, sink=meta.sink, retry_in=retry_in)
     failpoints.hit("after_finish")
@@ -271,7 +270,13 @@ def _write(sink: Sink, b: str, j: str, ref: str, record: dict[str, Any] | BaseEx
     """Store one image's record; what the finish script should make of it."""
     if isinstance(record, JobTimeout):
         return Outcome(j, "retry", error={"stage": "engine", "type": "JobTimeout", "message": str(record)})
-    if isinstance(record, BaseException):  # the engine, or a bug: charged, bounded retries
+    if isinstance(record, TerminalError):
+        # Another run fails the same way (a config this engine cannot serve): the image fails
+        # now, with an error record naming it, uncharged and never dead-lettered.
+        log.warning("job %s of batch %s failed for good: %s", j, b, record)
+        stage = "config" if isinstance(record, ConfigError) else "worker"
+        record = error_record(_error(stage, record), {"job_id": j})
+    elif isinstance(record, BaseException):  # the engine, or a bug: charged, bounded retries
         stage = "engine" if isinstance(record, BackendError) else "worker"
         log.warning("job %s of batch %s failed: %s", j, b, record)
         return Outcome(j, "retry", error=_error(stage, record))
@@ -287,4 +292,4 @@ def _write(sink: Sink, b: str, j: str, ref: str, record: dict[str, Any] | BaseEx
     return Outcome(j, "done", location)
 
 
-__all__ = ["JobContext", "LaneLock", "lease_seconds", "process_chunk", "retry_delay"]
+__all__ = ["JobContext", "LaneLock", "lease_seconds", "process_chunk"]

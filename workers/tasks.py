@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 import time
 from datetime import UTC, datetime
@@ -30,12 +29,14 @@ from scalecap.fleet.protocol import (
     counts,
     webhook_attempts_key,
 )
+from scalecap.retry import next_delay
 from scalecap.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _ctx_lock = threading.Lock()
-_RETRY_STATUSES = frozenset({408, 425, 429})
+WEBHOOK_BACKOFF_BASE = 2.0
+"""Seconds: the first webhook retry waits up to this, then up to 4x more each time (2, 8, 32...)."""
 
 
 def results_location(batch: dict[str, str], batch_id: str) -> str:
@@ -46,12 +47,6 @@ def results_location(batch: dict[str, str], batch_id: str) -> str:
     if sink.startswith("s3://"):
         return f"{sink.rstrip('/')}/{batch_id}/"
     return f"redis://scalecap:result:{batch_id}:"
-
-
-def webhook_retry_delay(attempt: int, cap: float) -> float:
-    """Seconds before attempt `attempt + 1`: 2, 8, 32, 128 s ... up to `cap`, equal jitter."""
-    full = min(cap, 2.0 * 4 ** max(0, attempt - 1))
-    return full / 2 + random.uniform(0, full / 2)
 
 
 def webhook_secret(redis_client: Any, batch: dict[str, str], default: str | None) -> str | None:
@@ -152,8 +147,8 @@ def register_tasks(app: Celery) -> Celery:
         started = time.monotonic()
         outcome = deliver_event(
             batch["webhook"], payload, secret=secret, redis_client=None, attempts_key=key,
-            timeout=settings.webhook_timeout, max_attempts=1, allow_private=settings.allow_private_urls,
-            msg_id=event["id"],
+            timeout=settings.webhook_timeout, allow_private=settings.allow_private_urls,
+            msg_id=event["id"], attempt=attempt,
         )
         record({"attempt": attempt, "at": _iso(time.time()), "status": outcome.last_status,
                 "error": outcome.last_error, "duration_ms": round((time.monotonic() - started) * 1000, 1)})
@@ -161,12 +156,10 @@ def register_tasks(app: Celery) -> Celery:
         if outcome.delivered:
             status_field = "delivered"
         else:
-            st = outcome.last_status
-            retryable = outcome.attempts > 0 and (st is None or st >= 500 or st in _RETRY_STATUSES)
-            if retryable and attempt < settings.webhook_max_attempts:
-                delay = webhook_retry_delay(attempt, settings.webhook_retry_max_delay)
-                if outcome.retry_after is not None:  # the receiver said when to come back
-                    delay = min(float(outcome.retry_after), settings.webhook_retry_max_delay)
+            if outcome.temporary and attempt < settings.webhook_max_attempts:
+                # the receiver's Retry-After when it said when to come back, else the backoff
+                delay = next_delay(attempt, base=WEBHOOK_BACKOFF_BASE, factor=4.0,
+                                   cap=settings.webhook_retry_max_delay, server_says=outcome.retry_after)
                 due = time.time() + delay
                 ctx.redis.zadd(WEBHOOK_RETRIES_KEY, {json.dumps({**event, "attempt": attempt + 1}): due})
                 status_field = "retrying"

@@ -1,20 +1,20 @@
-"""Signed webhook delivery with retries, every attempt recorded in Redis.
+"""Signed webhook delivery: one attempt per call, every attempt recorded.
 
 A dead or slow endpoint must never fail a job or a batch, so `deliver_event` never raises: it
-returns a `DeliveryOutcome`. One event keeps one `webhook-id` across all its attempts (and across
-re-creations of the same logical event), so receivers can deduplicate; each attempt is re-signed
-with its own timestamp, as Standard Webhooks asks.
+returns a `DeliveryOutcome` saying whether another try is worth it (scalecap.retry decides).
+Retries belong to the webhook task (workers/tasks.py), which schedules the next attempt instead
+of sleeping. One event keeps one `webhook-id` across all its attempts (and across re-creations of
+the same logical event), so receivers can deduplicate; each attempt is re-signed with its own
+timestamp, as Standard Webhooks asks.
 """
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import logging
-import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,13 +25,13 @@ import httpx
 from scalecap.fleet.redact import redact_text, redact_url
 from scalecap.fleet.signatures import make_headers
 from scalecap.netguard import AddressPolicy, AddressRefused, guarded_transport, parse_networks
+from scalecap.retry import is_temporary_error, is_temporary_status, retry_after
 
 log = logging.getLogger(__name__)
 
 EVENT_TYPES = ("batch.completed", "job.completed")
 ATTEMPTS_TTL = 7 * 24 * 3600
 """Seconds the attempt log of one event lives in Redis."""
-_RETRY_STATUSES = frozenset({408, 429})
 _CAPTION_KEYS = frozenset({"scalecap_record", "final_caption", "init_caption", "caption"})
 USER_AGENT = "scalecap-webhooks/1"
 
@@ -46,6 +46,8 @@ class DeliveryOutcome:
     webhook_id: str | None = None
     retry_after: float | None = None
     """Seconds the receiver asked us to wait (its Retry-After), when it said so."""
+    temporary: bool = False
+    """The failure is worth another attempt (a temporary status or network error)."""
 
 
 class WebhookRefused(Exception):
@@ -125,33 +127,6 @@ def check_url(url: str, *, allow_private: bool = False, allowed_networks: Sequen
         raise WebhookRefused(f"cannot resolve {host!r}: {exc}") from exc
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date); None if absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
-
-
-def backoff_delay(
-    attempt: int, base_delay: float, max_delay: float, rng: random.Random | None = None
-) -> float:
-    """Exponential backoff with full jitter: uniform(0, min(max_delay, base * 2**(attempt-1)))."""
-    cap = min(max_delay, base_delay * (2 ** (attempt - 1)))
-    return (rng or random).uniform(0, cap)
-
-
 def _record(redis_client: Any, key: str, entry: dict[str, Any]) -> None:
     if redis_client is None:
         return
@@ -172,23 +147,20 @@ def deliver_event(
     redis_client: Any,
     attempts_key: str,
     timeout: float = 10,
-    max_attempts: int = 6,
-    base_delay: float = 1.0,
-    max_delay: float = 60.0,
-    sleep: Callable[[float], None] = time.sleep,
     allow_private: bool = False,
     msg_id: str | None = None,
-    rng: random.Random | None = None,
     allowed_networks: Sequence[str] = (),
+    attempt: int = 1,
 ) -> DeliveryOutcome:
-    """POST `event` as signed JSON until a 2xx, a final 4xx or `max_attempts`; never raises.
+    """POST `event` as signed JSON once; never raises.
 
-    Retried: 5xx, 408, 429 and network errors/timeouts, after full-jitter exponential backoff or
-    the server's Retry-After (capped by `max_delay`). Redirects are not followed (a redirect
-    could point inside the network), and every connection is vetted on the socket, so a host
-    that resolves elsewhere at connect time is refused (final, not retried). Each attempt is
-    appended to the Redis list `attempts_key` as JSON
-    `{type, webhook_id, [job_id,] attempt, at, status, error, duration_ms}`.
+    The outcome says whether the failure is temporary (a 5xx, 408, 425, 429, a network error or
+    timeout: scalecap.retry) and carries the receiver's Retry-After; the caller schedules the
+    next attempt. Redirects are not followed (a redirect could point inside the network), and
+    every connection is vetted on the socket, so a host that resolves elsewhere at connect time
+    is refused (final). The attempt is appended to the Redis list `attempts_key` (when
+    `redis_client` is given) as JSON `{type, webhook_id, [job_id,] attempt, at, status, error,
+    duration_ms}`; `attempt` is its number there.
     """
     wid = msg_id or event_id(event)
     try:
@@ -202,45 +174,33 @@ def deliver_event(
 
     status: int | None = None
     error: str | None = None
-    attempt = 0
+    wait: float | None = None
+    temporary = False
     transport = guarded_transport(_policy(allow_private, allowed_networks))
     client = httpx.Client(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False)
+    started = time.monotonic()
     with client:
-        while attempt < max(1, max_attempts):
-            attempt += 1
-            status, error, retry_after = None, None, None
-            started = time.monotonic()
-            try:
-                headers = make_headers(secret, wid, body)
-                headers["user-agent"] = USER_AGENT
-                response = client.post(url, content=body, headers=headers)
-                status = response.status_code
-                retry_after = parse_retry_after(response.headers.get("retry-after"))
-                if not 200 <= status < 300:
-                    error = f"HTTP {status}"
-            except AddressRefused as exc:  # resolved elsewhere since check_url: final
-                error = f"refused at connect: {exc}"
-                _record(redis_client, attempts_key, _entry(attempt, None, error, started, event, wid))
-                break
-            except httpx.TransportError as exc:
-                error = redact_text(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            except Exception as exc:  # anything else is a bug or bad input: final, not raised
-                error = redact_text(f"{type(exc).__name__}: {exc}")
-                _record(redis_client, attempts_key, _entry(attempt, None, error, started, event, wid))
-                break
-            _record(redis_client, attempts_key, _entry(attempt, status, error, started, event, wid))
-            if status is not None and 200 <= status < 300:
-                return DeliveryOutcome(True, attempt, status, None, wid)
-            retryable = status is None or status >= 500 or status in _RETRY_STATUSES
-            if not retryable or attempt >= max_attempts:
-                break
-            if retry_after is not None:
-                delay = min(max_delay, retry_after)
-            else:
-                delay = backoff_delay(attempt, base_delay, max_delay, rng)
-            sleep(delay)
-    log.warning("webhook %s to %s failed after %d attempt(s): %s", wid, redact_url(url), attempt, error)
-    return DeliveryOutcome(False, attempt, status, error, wid, retry_after)
+        try:
+            headers = make_headers(secret, wid, body)
+            headers["user-agent"] = USER_AGENT
+            response = client.post(url, content=body, headers=headers)
+            status = response.status_code
+            wait = retry_after(response.headers.get("retry-after"))
+            if not 200 <= status < 300:
+                error = f"HTTP {status}"
+                temporary = is_temporary_status(status)
+        except AddressRefused as exc:  # resolved elsewhere since check_url: final
+            error = f"refused at connect: {exc}"
+        except httpx.TransportError as exc:
+            error = redact_text(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            temporary = is_temporary_error(exc)
+        except Exception as exc:  # anything else is a bug or bad input: final, not raised
+            error = redact_text(f"{type(exc).__name__}: {exc}")
+    _record(redis_client, attempts_key, _entry(attempt, status, error, started, event, wid))
+    if error is None:
+        return DeliveryOutcome(True, 1, status, None, wid)
+    log.warning("webhook %s to %s: attempt %d failed: %s", wid, redact_url(url), attempt, error)
+    return DeliveryOutcome(False, 1, status, error, wid, wait, temporary)
 
 
 def _entry(

@@ -6,20 +6,17 @@ server root. Against another server `score` raises BackendError and `supports_sc
 False; use `sentence_filter='yesno'` there, which only needs `logprobs`/`top_logprobs`.
 
 Every request of a call goes out at once (the server batches what is in flight), bounded by one
-semaphore shared by all calls on this backend. Overload (429, 5xx) and dropped connections are
-retried with exponential backoff and jitter, honouring Retry-After; other 4xx fail at once with
-the server's own message.
+semaphore shared by all calls on this backend. What scalecap.retry calls temporary (429, 5xx,
+timeouts, dropped connections) is retried with its backoff, honouring Retry-After; other 4xx
+fail at once with the server's own message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import io
 import logging
-import random
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +32,7 @@ from scalecap.backends.base import (
     gather_or_cancel,
 )
 from scalecap.errors import BackendError, ConfigError, RetryableBackendError
+from scalecap.retry import backoff, is_temporary_error, is_temporary_status, retry_after
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -42,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png"}
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 60.0
 """Seconds: a Retry-After longer than this is capped (a server asking for an hour is broken)."""
 _sleep = asyncio.sleep
@@ -104,7 +101,8 @@ class OpenAIBackend:
         """Open a client. An empty `model` takes the first model the server lists.
 
         timeout is seconds per HTTP request; backoff_base/backoff_max are seconds (the n-th retry
-        waits about backoff_base * 2**n, at most backoff_max, unless Retry-After says otherwise).
+        waits up to backoff_base * 2**(n-1), full jitter, at most backoff_max; a Retry-After
+        wins, up to MAX_RETRY_AFTER).
         probe_scoring sends one tiny teacher-forcing request now, so a server without vLLM's
         extensions is known up front (`supports_scoring` False) instead of at the first image.
         """
@@ -302,6 +300,8 @@ class OpenAIBackend:
                     resp = await self._client.request(method, url, json=body)
                     content = resp.content
             except httpx.TransportError as exc:
+                if not is_temporary_error(exc):  # a bad URL or protocol: no retry mends it
+                    raise BackendError(f"{method} {url} failed: {type(exc).__name__}: {exc}") from exc
                 failure = f"{type(exc).__name__}: {exc}"
             else:
                 if resp.status_code < 400:
@@ -310,17 +310,16 @@ class OpenAIBackend:
                     except ValueError as exc:
                         raise BackendError(f"non-JSON answer from {url}: {content[:200]!r}") from exc
                 message = _error_message(resp)
-                if resp.status_code not in RETRY_STATUSES:
+                if not is_temporary_status(resp.status_code):
                     raise _Rejected(resp.status_code, message)
                 failure = f"HTTP {resp.status_code}: {message}"
-                wait = _retry_after(resp.headers.get("retry-after"))
+                wait = retry_after(resp.headers.get("retry-after"), cap=MAX_RETRY_AFTER)
             if attempt >= self.max_retries:
                 raise RetryableBackendError(f"{method} {url} failed after {attempt + 1} attempts: {failure}")
-            if wait is None:
-                ceiling = min(self.backoff_max, self.backoff_base * 2**attempt)
-                wait = ceiling / 2 + random.uniform(0, ceiling / 2)
-            log.debug("retrying %s %s in %.2fs (%s)", method, url, wait, failure)
             attempt += 1
+            if wait is None:
+                wait = backoff(attempt, self.backoff_base, self.backoff_max)
+            log.debug("retrying %s %s in %.2fs (%s)", method, url, wait, failure)
             await _sleep(wait)
 
 
@@ -422,21 +421,6 @@ def _error_message(resp: httpx.Response) -> str:
         if data.get("detail"):
             return str(data["detail"])[:500]
     return str(data)[:500]
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), capped."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _looks_unsupported(status: int, message: str, endpoint_probe: bool) -> bool:

@@ -483,19 +483,6 @@ class BatchStore:
         ], queue=queue))
         return Chunk.parse(member) if member else None
 
-    # --- records across batches ---------------------------------------------------------
-
-    def known_record(self, job_id: str, sink: str) -> str | None:
-        """Where a finished record of this job lives in this sink, if a batch wrote one."""
-        raw = self.r.get(record_index_key(job_id))
-        if not raw:
-            return None
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            return None
-        return entry.get("location") if entry.get("sink") == sink else None
-
     # --- retention and purge ------------------------------------------------------------
 
     def purge(self, batch_id: str, *, result_client: Any = None) -> bool:

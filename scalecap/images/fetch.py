@@ -1,6 +1,6 @@
 """http(s) image fetch: bounded, redirects followed by hand, every connect vetted by the address
 guard (scalecap.netguard: loopback, private and link-local refused unless allowed, cloud metadata
-always), transient failures retried (transient.py)."""
+always), temporary failures (scalecap.retry) retried (transient.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from scalecap.images.limits import READ_CHUNK, ImageLimits, address_policy
 from scalecap.images.refs import describe_source
 from scalecap.images.transient import Transient, with_retries
 from scalecap.netguard import AddressRefused, guarded_transport
+from scalecap.retry import is_temporary_error, is_temporary_status, retry_after
 
 __all__ = ["MAX_REDIRECTS", "fetch_http"]
 
@@ -58,14 +59,12 @@ def _fetch_http_once(url: str, limits: ImageLimits, desc: str) -> tuple[bytes, s
                 raise ImageAccessDenied(f"{where}: {exc}") from exc
             except httpx.TimeoutException as exc:
                 raise Transient(f"{where}: timed out ({type(exc).__name__})") from exc
-            except httpx.TransportError as exc:  # connect refused/reset, broken response
-                raise Transient(f"{where}: fetch failed: {type(exc).__name__}: {exc}") from exc
+            except httpx.TransportError as exc:  # connect refused/reset, broken response: retried
+                text = f"{where}: fetch failed: {type(exc).__name__}: {exc}"
+                raise (Transient(text) if is_temporary_error(exc) else ImageError(text)) from exc
             except httpx.HTTPError as exc:
                 raise ImageError(f"{where}: fetch failed: {type(exc).__name__}: {exc}") from exc
     raise ImageError(f"{desc}: more than {MAX_REDIRECTS} redirects")
-
-
-_TRANSIENT_STATUSES = frozenset({408, 429})
 
 
 def _check_status(resp: Any, where: str) -> None:
@@ -77,17 +76,9 @@ def _check_status(resp: Any, where: str) -> None:
         raise ImageNotFound(text)
     if status in (401, 403):
         raise ImageAccessDenied(text)
-    if status >= 500 or status in _TRANSIENT_STATUSES:
-        raise Transient(text, _retry_after(resp.headers.get("retry-after")))
+    if is_temporary_status(status):  # scalecap.retry: 408, 425, 429, 5xx but 501/505
+        raise Transient(text, retry_after(resp.headers.get("retry-after")))
     raise ImageError(text)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Delta-seconds only (an HTTP date is rare for images; the backoff applies then)."""
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
 
 
 def _read_capped(resp: Any, limits: ImageLimits, where: str, deadline: float) -> bytes:

@@ -47,7 +47,7 @@ class ImageLimits:
     http_timeout: float = 30.0
     """Seconds for one http(s) fetch try, redirects and body included."""
     fetch_retries: int = 3
-    """Extra tries after a transient fetch failure (HTTP 5xx/408/429, timeout, reset, S3
+    """Extra tries after a transient fetch failure (HTTP 5xx/408/425/429, timeout, reset, S3
     SlowDown/throttling/5xx); 0 disables. Then the error is ImageFetchError."""
     fetch_backoff: float = 0.5
     """First backoff cap in seconds; doubles per retry (full jitter)."""

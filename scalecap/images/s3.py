@@ -14,6 +14,7 @@ from typing import Any
 from scalecap.errors import ImageAccessDenied, ImageError, ImageNotFound, ImageTooLarge
 from scalecap.images.limits import READ_CHUNK, ImageLimits
 from scalecap.images.transient import Transient, with_retries
+from scalecap.retry import is_temporary_error, is_temporary_s3
 
 __all__ = [
     "bucket_allowed",
@@ -146,13 +147,6 @@ def _fetch_s3_once(client: Any, bucket: str, key: str, limits: ImageLimits, desc
         body.close()
 
 
-_S3_TRANSIENT_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "RequestLimitExceeded", "TooManyRequestsException", "ProvisionedThroughputExceededException",
-    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
-})  # fmt: skip
-
-
 def s3_error(exc: Any, desc: str) -> Exception:
     """The typed error for a botocore ClientError: not found, denied, Transient (retried) or other."""
     err = exc.response.get("Error", {})
@@ -163,22 +157,13 @@ def s3_error(exc: Any, desc: str) -> Exception:
         return ImageNotFound(text)
     if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
         return ImageAccessDenied(text)
-    if code in _S3_TRANSIENT_CODES or (isinstance(status, int) and (status >= 500 or status == 429)):
+    if is_temporary_s3(code, status if isinstance(status, int) else None):  # throttling, 5xx
         return Transient(text)
     return ImageError(text)
 
 
 def _s3_botocore_error(exc: Exception, what: str) -> Exception:
-    """Connection-level botocore errors are transient; the rest (no credentials, ...) are not."""
-    from botocore.exceptions import (
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        ReadTimeoutError,
-        ResponseStreamingError,
-    )
-
-    transient = (ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError,
-                 ResponseStreamingError)  # fmt: skip
+    """Connection-level botocore errors are transient (scalecap.retry); the rest (no credentials,
+    ...) are not."""
     text = f"{what}: {type(exc).__name__}: {exc}"
-    return Transient(text) if isinstance(exc, transient) else ImageError(text)
+    return Transient(text) if is_temporary_error(exc) else ImageError(text)
