@@ -131,7 +131,8 @@ class NullRuntime:
     """An engine runtime that returns a small fixed record at once: the fleet's queue protocol,
     bookkeeping and Redis sink without the chain's Python (the `protocol only` path)."""
 
-    def caption_chunk(self, config: Any, items: list[tuple[str, str]], timeout: Any) -> list[Any]:
+    def caption_chunk(self, config: Any, items: list[tuple[str, str]], timeout: Any,
+                      watch: Any = None) -> list[Any]:
         return [{"final_caption": "", "meta": {"job_id": j}} for j, _ in items]
 
 

@@ -33,6 +33,9 @@ def add_purge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finished-before", default=None, metavar="DATE",
                    help="purge every batch that finished before DATE (ISO 8601, e.g. 2026-01-31 or "
                    "2026-01-31T12:00:00Z; UTC unless it says otherwise)")
+    p.add_argument("--force", action="store_true",
+                   help="purge BATCH even if it has not finished: cancel it first (without this, "
+                   "an unfinished batch is refused)")
     p.add_argument("--broker-url", default=None, help="Redis URL (env SCALECAP_BROKER_URL)")
 
 
@@ -52,7 +55,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return 2
     client = _client(args)
     if args.batch_id:
-        if not client.purge(args.batch_id):
+        if not client.purge(args.batch_id, force=args.force):
             print(f"scalecap purge: no batch {args.batch_id!r}", file=sys.stderr)
             return 1
         print(json.dumps({"purged": [args.batch_id]}))

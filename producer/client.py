@@ -16,6 +16,7 @@ from typing import Any
 from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.errors import ConfigError, ScaleCapError
 from scalecap.fleet import failpoints
+from scalecap.fleet.outcomes import BatchState, JobState, RegisterCode
 from scalecap.fleet.protocol import (
     DEAD_LETTER_KEY,
     IO_QUEUE,
@@ -45,6 +46,10 @@ FLUSH_SECONDS = 0.25
 
 class BatchNotFound(ScaleCapError, KeyError):
     """No batch with this id in this Redis."""
+
+
+class BatchUnfinished(ConfigError):
+    """`purge` of a batch that has not finished, without force."""
 
 
 @dataclass
@@ -196,13 +201,13 @@ class FleetClient:
                 self._backpressure(queue, on_wait)
                 codes, todo = self.store.register_jobs(batch_id, chunk, queue=queue)
                 for code in codes:
-                    if code == 1:
+                    if code is RegisterCode.NEW:
                         result.submitted += 1
-                    elif code == 3:
+                    elif code is RegisterCode.BAD:
                         result.failed += 1
                     else:
                         result.duplicates += 1
-                        result.republished += code == 2
+                        result.republished += code is RegisterCode.KNOWN
                 failpoints.hit("submit_after_register")
                 if todo is not None:
                     for msg in todo.messages(k):
@@ -259,13 +264,13 @@ class FleetClient:
         b = self._batch(batch_id)
         c = counts(b)
         if b.get("finished_at"):
-            state = "cancelled" if b.get("cancel_requested") == "1" else "finished"
+            state = BatchState.CANCELLED if b.get("cancel_requested") == "1" else BatchState.FINISHED
         elif b.get("closed") != "1":
-            state = "submitting"
+            state = BatchState.SUBMITTING
         elif b.get("cancel_requested") == "1":
-            state = "cancelling"
+            state = BatchState.CANCELLING
         else:
-            state = "running" if b.get("started_at") else "queued"
+            state = BatchState.RUNNING if b.get("started_at") else BatchState.QUEUED
         key = webhook_attempts_key(batch_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.lrange(key, -WEBHOOK_ATTEMPTS_SHOWN, -1)
@@ -346,7 +351,7 @@ class FleetClient:
         for j, (state, ref, location, error) in self._jobs(batch_id, ("state", "ref", "location", "error")):
             if location:
                 yield sink.read(location)
-            elif state == "failed":
+            elif state == JobState.FAILED:
                 err = json.loads(error) if error else {"stage": "queue", "type": "Unknown",
                                                        "message": "no record"}
                 yield {"image": ref, "scalecap_record": {"error": err, "meta": {"job_id": j}}}
@@ -392,7 +397,7 @@ class FleetClient:
             return None
         if job.get("location"):
             return self.sink(b["sink"]).read(job["location"])
-        if job.get("state") == "failed":
+        if job.get("state") == JobState.FAILED:
             err = json.loads(job["error"]) if job.get("error") else {
                 "stage": "queue", "type": "Unknown", "message": "no record"}
             return {"image": job.get("ref"), "scalecap_record": {"error": err, "meta": {"job_id": job_id}}}
@@ -403,7 +408,7 @@ class FleetClient:
         self._batch(batch_id)
         failed = []
         for j, (state, ref, error) in self._jobs(batch_id, ("state", "ref", "error")):
-            if state == "failed":
+            if state == JobState.FAILED:
                 failed.append({"job_id": j, "image": ref, "error": json.loads(error) if error else None})
                 if len(failed) >= limit:
                     break
@@ -444,9 +449,18 @@ class FleetClient:
         report.events, report.retries_due = drained.events, drained.retries_due
         return report.to_dict()
 
-    def purge(self, batch_id: str) -> bool:
-        """Delete a batch's keys, index entries and Redis-sink records now (S3 records stay)."""
+    def purge(self, batch_id: str, *, force: bool = False) -> bool:
+        """Delete a batch's keys, index entries and Redis-sink records now (S3 records stay).
+
+        An unfinished batch is refused (BatchUnfinished) unless `force`, which cancels it first,
+        so its queued jobs give back their queued-image counts; a run still going finds the
+        batch gone and writes nothing."""
         check_batch_id(batch_id)
+        if self.store.unfinished(batch_id):
+            if not force:
+                raise BatchUnfinished(f"batch {batch_id} has not finished; cancel it first, or "
+                                      "purge --force (cancels, then purges)")
+            self.cancel(batch_id)
         return self.store.purge(batch_id, result_client=self.results_redis)
 
     def purge_finished_before(self, t: float) -> list[str]:
@@ -461,4 +475,4 @@ class FleetClient:
                 gone.append(b)
 
 
-__all__ = ["IO_QUEUE", "BatchNotFound", "FleetClient", "SubmitResult"]
+__all__ = ["IO_QUEUE", "BatchNotFound", "BatchUnfinished", "FleetClient", "SubmitResult"]

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
+from scalecap.fleet.outcomes import JobState
+
 FORMATS = ("jsonl", "parquet", "webdataset")
 WINDOW = 500
 """Records fetched per round (and held in memory, twice: the one written, the next in flight)."""
@@ -101,7 +103,7 @@ def _rows(w: _Window, fetch: Any, raw: bool) -> Iterator[Any]:
             except ValueError as exc:
                 yield _error_row(ref, job_id, {"stage": "sink", "type": "MalformedRecord",
                                                "message": f"record {location}: {exc}"})
-        elif state == "failed":
+        elif state == JobState.FAILED:
             no_record = {"stage": "queue", "type": "Unknown", "message": "no record"}
             yield _error_row(ref, job_id, json.loads(error) if error else no_record)
 

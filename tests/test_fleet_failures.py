@@ -39,6 +39,9 @@ def test_kill_9_mid_batch_every_job_finishes_exactly_once(fleet: Fleet, s3_serve
     images = make_images(fleet.tmp / "imgs", ["green"] * 12)
     a = fleet.scripted(concurrency=2, slow_colour="green", slow_seconds=0.5)
     b = fleet.scripted(concurrency=2, slow_colour="green", slow_seconds=0.5)
+    # The reconciler takes back A's leases once they lapse: A renewed them while it lived, so a
+    # copy of its message that kombu hands B before then finds the jobs busy (and is acked).
+    fleet.io()
     client = fleet.client()
     sink = f"s3://{s3_bucket}/k"
     sub = client.submit([str(p) for p in images], sink=sink, model="scripted")
@@ -52,7 +55,9 @@ def test_kill_9_mid_batch_every_job_finishes_exactly_once(fleet: Fleet, s3_serve
     st = client.wait(sub.batch_id, timeout=90)
     assert (st["done"], st["failed"], st["dead_lettered"]) == (12, 0, 0)
     keys = s3_objects(s3_server.client(), s3_bucket, f"k/{sub.batch_id}/")
-    assert len(keys) == 12
+    credited = {client.store.job(sub.batch_id, j["job_id"])["location"] for j in client.jobs(sub.batch_id)}
+    assert len(credited) == 12 and {c.removeprefix(f"s3://{s3_bucket}/") for c in credited} <= set(keys)
+    assert len(keys) <= 12 + 4, "more records than A's runs could leave (2 chunks of 2)"
     rows = list(client.results(sub.batch_id))
     assert sorted(r["image"] for r in rows) == sorted(map(str, images))
     assert len({r["scalecap_record"]["meta"]["job_id"] for r in rows}) == 12

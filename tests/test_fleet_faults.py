@@ -39,12 +39,21 @@ def _fleet(redis_server, tmp: Path, s3_server, name: str, **env: str) -> Fleet:
     return Fleet(url, tmp, env={**s3_server.env(), **FAST, **env})
 
 
-def _exactly_once(fleet: Fleet, client, batch_id: str, images: list[Path], s3, bucket: str, prefix: str):
+def _exactly_once(fleet: Fleet, client, batch_id: str, images: list[Path], s3, bucket: str, prefix: str,
+                  orphans: int = 0):
+    """Every image done once; `orphans`: records a killed run wrote under its own attempt key
+    (fenced: the batch credits, and results read, only the winning run's)."""
     st = client.status(batch_id)
     assert st["state"] == "finished", st
     assert (st["done"], st["failed"], st["queued"], st["running"]) == (len(images), 0, 0, 0), st
     keys = s3_objects(s3, bucket, f"{prefix}/{batch_id}/")
-    assert len(keys) == len(images), "every record once in the sink"
+    assert len(keys) == len(images) + orphans, "every record once in the sink, beside a dead run's"
+    credited = {j["job_id"]: client.store.job(batch_id, j["job_id"])["location"]
+                for j in client.jobs(batch_id, limit=1000)}
+    assert {loc.removeprefix(f"s3://{bucket}/") for loc in credited.values()} <= set(keys)
+    for job_id, loc in credited.items():  # each credited record names the run the batch credits
+        meta = client.record(batch_id, job_id)["scalecap_record"]["meta"]
+        assert loc.endswith(f".{meta['attempt']}.json") and meta["worker"]
     rows = list(client.results(batch_id))
     assert sorted(r["image"] for r in rows) == sorted(map(str, images))
     jobs = client.jobs(batch_id, limit=1000)
@@ -111,7 +120,8 @@ def _killed_worker_case(fleet: Fleet, s3_server, bucket: str, point: str, receiv
         fleet.scripted(concurrency=2)
         fleet.io(SCALECAP_WEBHOOK_SECRET=receiver.secret)
         client.wait(sub.batch_id, timeout=120)
-        _exactly_once(fleet, client, sub.batch_id, images, s3_server.client(), bucket, point)
+        _exactly_once(fleet, client, sub.batch_id, images, s3_server.client(), bucket, point,
+                      orphans=2 if point == "after_sink_write" else 0)  # A's chunk of 2
         out[point] = {"calls": len(fleet.vlm_calls()), "batch_id": sub.batch_id}
     except BaseException as exc:  # reported by the test thread
         out[point] = exc

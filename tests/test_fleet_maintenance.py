@@ -186,7 +186,7 @@ def test_records_go_to_a_separate_results_redis(redis_server, redis_url):
     sub = c.submit(["/x/1.png", "/x/2.png"], sink="redis", model="nobody", queue=Q)
 
     class Runtime:
-        def caption_chunk(self, config, items, timeout):
+        def caption_chunk(self, config, items, timeout, watch=None):
             return [{"final_caption": f"of {ref}", "meta": {"job_id": j}} for j, ref in items]
 
     broker, results = redis.Redis.from_url(redis_url), redis.Redis.from_url(results_url)

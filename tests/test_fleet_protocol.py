@@ -185,7 +185,7 @@ class _Runtime:
         self.fail = fail
         self.calls = 0
 
-    def caption_chunk(self, config, items, timeout):
+    def caption_chunk(self, config, items, timeout, watch=None):
         out = []
         for job_id, ref in items:
             self.calls += 1
@@ -243,7 +243,10 @@ def test_chunk_lifecycle_retries_dead_letters_and_reuses_records(redis_url):
     store.register_jobs("b3", [("j1", "/x/1.png", None)], queue="q")
     assert process_chunk(ctx, JobMessage("b3", (("j1", "/x/1.png"),))) == {"reused": 1, "done": 1}
     assert healthy.calls == 2
-    assert store.job("b3", "j1")["location"] == "redis://scalecap:result:b3:j1"
+    loc = store.job("b3", "j1")["location"]
+    assert loc.startswith("redis://scalecap:result:b3:j1:")  # this run's own key (fenced)
+    meta = json.loads(store.r.get(loc.removeprefix("redis://")))["scalecap_record"]["meta"]
+    assert loc.endswith(":" + meta["attempt"]) and meta["worker"]  # the copy names its run
     # A cancelled batch runs nothing.
     store.create_batch("b4", config={}, config_hash="h", model="m", queue="q", sink="redis")
     store.register_jobs("b4", [("j9", "/x/9.png", None)], queue="q")

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from scalecap.fleet.outcomes import LeaseReply
 from scalecap.fleet.protocol import (
     BATCHES_KEY,
     DEAD_LETTER_KEY,
@@ -244,12 +245,14 @@ def test_expire_lease_requeues_into_quarantine_and_charges_a_lone_loss(redis_url
     b = _batch(store)
     store.register_jobs(b, [("j1", "r1", None), ("j2", "r2", None)], queue=Q)
     c = store.claim(b, ["j1", "j2"], token="t", lease_seconds=-1, max_attempts=1, queue=Q)
-    chunk = store.expire_lease(c.lease, max_attempts=1)
+    reply, chunk = store.expire_lease(c.lease, max_attempts=1)
+    assert reply is LeaseReply.EXPIRED
     assert chunk.queue == Q + ".quarantine" and len(chunk.jobs) == 2
     assert store.r.zcard(LEASES_KEY) == 0
     assert store.job(b, "j1")["attempts"] == "0"
     q = store.claim(b, ["j1"], token="q", lease_seconds=-1, max_attempts=1, queue=Q, quarantine=True)
-    assert store.expire_lease(q.lease, max_attempts=1) is None  # charged: out of attempts
+    # charged: out of attempts
+    assert store.expire_lease(q.lease, max_attempts=1) == (LeaseReply.EXPIRED, None)
     assert store.job(b, "j1")["state"] == "failed"
     assert counts(store.batch(b))["dead_lettered"] == 1
 

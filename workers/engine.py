@@ -14,6 +14,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from scalecap.backends.base import Backend
@@ -110,13 +112,16 @@ class EngineRuntime:
         return chain
 
     def caption_chunk(
-        self, config_json: str | dict[str, Any], items: list[tuple[str, str]], timeout: float | None
+        self, config_json: str | dict[str, Any], items: list[tuple[str, str]], timeout: float | None,
+        *, watch: Callable[[Future[Any]], None] | None = None,
     ) -> list[dict[str, Any] | BaseException]:
         """Records of a chunk's (job_id, ref) images, run concurrently on the engine's loop.
 
         Each image's coroutine is cancelled after `timeout` seconds (JobTimeout in its place):
         a hung image cannot hold its message past the visibility timeout. An exception is
-        returned in the image's place, so one image's failure touches no other."""
+        returned in the image's place, so one image's failure touches no other. `watch` gets
+        the run's future: cancelling it (a lost lease, workers/leases.py) cancels every image's
+        coroutine, and this raises concurrent.futures.CancelledError."""
         chain = self.chain(config_json)
 
         async def one(job_id: str, ref: str) -> dict[str, Any]:
@@ -135,7 +140,10 @@ class EngineRuntime:
         from scalecap.images.shards import attach_source  # a shard member's key and sidecars
 
         out: list[dict[str, Any] | BaseException] = []
-        for (_, ref), record in zip(items, self.loop.run(run()), strict=True):
+        future = self.loop.submit(run())
+        if watch is not None:
+            watch(future)
+        for (_, ref), record in zip(items, future.result(), strict=True):
             if isinstance(record, BaseException):
                 out.append(record)
                 continue

@@ -1,16 +1,21 @@
 """What one task (a chunk of K images of one batch) does, independent of Celery (tasks.py binds it).
 
 Order matters for the protocol's guarantees (docs/protocol.md):
+0. no claim while the batch's sink is known down (workers/sink_gate.py): the jobs stay queued;
 1. one claim script for the chunk: each job that may run gets this run's attempt token and a
    lease; final jobs, jobs another run holds (live lease) and jobs of a cancelled batch are
-   settled there; jobs whose earlier run was lost go to the quarantine lane, uncharged;
+   settled there; jobs whose earlier run was lost go to the quarantine lane, uncharged; the
+   lease is renewed from the worker's lease thread while the run makes progress
+   (workers/leases.py), and a run that lost it is cancelled and writes nothing more;
 2. a job whose record exists already (a resubmission of finished work) is not run again: its
    record is copied into this batch's prefix, so the batch's results location is complete;
 3. the others run concurrently on the engine, each cancelled at the job timeout;
-4. records go to the sink (an error record for a bad image is final too);
+4. records go to the sink under this run's own key (batch, job, attempt token), each naming the
+   run in its meta (attempt, worker): a fenced record, which no other run's write replaces;
 5. one finish script applies every outcome where the job still holds this run's token (a stale
-   run's write is discarded and counted), moves the counters once, and, when that finished the
-   batch, writes the batch.completed event to the outbox in the same step.
+   run's write is discarded and counted), stores the credited run's location, moves the
+   counters once, and, when that finished the batch, writes the batch.completed event to the
+   outbox in the same step.
 A chunk that runs in the quarantine lane runs alone in its worker (the other job threads wait),
 so a worker it kills charges that one job only.
 """
@@ -19,20 +24,26 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any
 
 from scalecap.errors import BackendError, ConfigError, TerminalError
 from scalecap.fleet import failpoints
+from scalecap.fleet.outcomes import ClaimCode, FinishCode, RunOutcome
 from scalecap.fleet.protocol import BatchStore, Chunk, JobMessage, Outcome, batch_key
 from scalecap.fleet.sinks import Sink, SinkError, open_sink
 from scalecap.record import error_record, is_error
 from scalecap.retry import backoff
 from scalecap.settings import Settings
 from workers.engine import EngineRuntime, JobTimeout, is_retryable_record
+from workers.leases import LeaseKeeper, Run
+from workers.sink_gate import SinkGate
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +144,10 @@ class JobContext:
         self._meta: dict[str, BatchMeta] = {}
         self._lock = threading.Lock()
         self.lanes = LaneLock()
+        self.leases = LeaseKeeper()
+        self.gate = SinkGate(lambda url: self.sink(url).probe())
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        """Named in each record's meta beside the attempt token."""
 
     def runtime(self) -> EngineRuntime:
         if self._runtime is None:
@@ -174,7 +189,15 @@ class JobContext:
         self.store.published(chunk.member)
 
 
-def _reuse(ctx: JobContext, sink: Sink, meta: BatchMeta, b: str, j: str, entry: str) -> str | None:
+def _stamp(row: dict[str, Any], token: str, worker: str) -> dict[str, Any]:
+    """The row with its record's meta naming the run that writes it (attempt token, worker)."""
+    record = dict(row.get("scalecap_record") or {})
+    record["meta"] = {**(record.get("meta") or {}), "attempt": token, "worker": worker}
+    return {**row, "scalecap_record": record}
+
+
+def _reuse(ctx: JobContext, sink: Sink, meta: BatchMeta, b: str, j: str, entry: str,
+           token: str) -> str | None:
     """A finished record of this work from an earlier batch: copied into this batch's prefix."""
     try:
         known = json.loads(entry)
@@ -186,9 +209,9 @@ def _reuse(ctx: JobContext, sink: Sink, meta: BatchMeta, b: str, j: str, entry: 
     try:
         if not sink.exists(location):
             return None
-        if f"/{b}/" in location or f":{b}:" in location:
-            return location  # already in this batch
-        return sink.write(b, j, sink.read(location))
+        if sink.batch_of(location) == b:
+            return location  # already in this batch (the exact batch id, not a substring)
+        return sink.write(b, j, _stamp(sink.read(location), token, ctx.worker), token)
     except (SinkError, ValueError) as exc:
         log.warning("job %s: reusing %s failed (%s); running it", j, location, exc)
         return None
@@ -208,56 +231,82 @@ def _process(ctx: JobContext, msg: JobMessage) -> dict[str, int]:
         log.warning("chunk of unknown batch %s dropped (%d jobs)", b, len(msg.jobs))
         result.add("unknown-batch", len(msg.jobs))
         return result.counts
+    ctx.gate.wait(meta.sink)  # its sink is down: claim nothing, the jobs stay queued
     refs = dict(msg.jobs)
     token = uuid.uuid4().hex
     claim = store.claim(b, list(refs), token=token, lease_seconds=lease_seconds(s),
                         max_attempts=s.max_attempts, queue=meta.queue, quarantine=msg.quarantine)
     for code, _ in claim.codes.values():
-        if code != "run":
+        if code is not ClaimCode.RUN:
             result.add(code)
     if claim.quarantine:
         ctx.publish(Chunk.parse(claim.quarantine))
     run = claim.runnable()
     if not run:
         return result.counts
-    failpoints.hit("after_claim")
+    keep = ctx.leases.add(Run(store, claim.lease, lease_seconds(s),
+                              2 * s.job_timeout + lease_seconds(s) if s.job_timeout else None))
+    try:
+        return _run(ctx, msg, meta, refs, token, claim, run, keep, result)
+    finally:
+        ctx.leases.remove(keep)
 
+
+def _run(ctx: JobContext, msg: JobMessage, meta: BatchMeta, refs: dict[str, str], token: str,
+         claim: Any, run: list[str], keep: Run, result: ChunkResult) -> dict[str, int]:
+    """The claimed jobs of one chunk: reuse or caption, write, finish (while the lease holds)."""
+    s, store, b = ctx.settings, ctx.store, msg.batch_id
+    failpoints.hit("after_claim")
     outcomes: list[Outcome] = []
     to_run: list[tuple[str, str]] = []
     try:
         sink = ctx.sink(meta.sink)
     except (SinkError, ValueError) as exc:  # the sink is down: nobody's fault, queued again
-        err = _error("sink", exc)
-        outcomes = [Outcome(j, "requeue", error=err) for j in run]
+        ctx.gate.down(meta.sink)
+        outcomes = [Outcome(j, RunOutcome.REQUEUE, error=_error("sink", exc)) for j in run]
         sink = None
     if sink is not None:
         for j in run:
             entry = claim.codes[j][1]
-            own = _reuse(ctx, sink, meta, b, j, entry) if entry else None
+            own = _reuse(ctx, sink, meta, b, j, entry, token) if entry and keep.held() else None
             if own:
-                outcomes.append(Outcome(j, "done", own))
+                outcomes.append(Outcome(j, RunOutcome.DONE, own))
                 result.add("reused")
             else:
                 to_run.append((j, refs[j]))
 
     if to_run and sink is not None:
         try:
-            records: list[Any] = ctx.runtime().caption_chunk(meta.config, to_run, s.job_timeout or None)
+            records: list[Any] = ctx.runtime().caption_chunk(meta.config, to_run, s.job_timeout or None,
+                                                             watch=keep.attach)
+        except CancelledError:  # the lease was lost: this run stops here
+            records = []
         except Exception as exc:  # no chain for this config, the engine gone: each job's failure
             records = [exc] * len(to_run)
+        failpoints.hit("before_sink_write")
+        if not records or not keep.held():
+            result.add("lease_lost", len(run))
+            log.warning("batch %s: run %s lost its lease; %d record(s) not written", b, token, len(run))
+            return result.counts
         for (j, ref), record in zip(to_run, records, strict=True):
-            outcomes.append(_write(sink, b, j, ref, record))
+            if not keep.held():  # lost between two writes: nothing more
+                result.add("lease_lost", len(run))
+                return result.counts
+            outcomes.append(_write(ctx, sink, meta.sink, b, j, ref, record, token))
         failpoints.hit("after_sink_write")
 
-    again = [o.job_id for o in outcomes if o.outcome in ("retry", "requeue")]
+    if keep.lost.is_set():
+        result.add("lease_lost", len(run))
+        return result.counts
+    again = [o.job_id for o in outcomes if o.outcome in (RunOutcome.RETRY, RunOutcome.REQUEUE)]
     runs = max((int(v.get("runs", 1)) for v in store.jobs_view(b, again) if v), default=1)
     retry_in = backoff(runs, RETRY_BASE, RETRY_CAP) if again else 0.0
     fin = store.finish(b, outcomes, token=token, lease=claim.lease, max_attempts=s.max_attempts,
                        queue=meta.queue, sink=meta.sink, retry_in=retry_in)
     failpoints.hit("after_finish")
     for o in outcomes:
-        code = fin.codes.get(o.job_id, "ok")
-        result.add(o.outcome if code == "ok" else code)
+        code = fin.codes.get(o.job_id, FinishCode.OK)
+        result.add(o.outcome if code is FinishCode.OK else code)
     if fin.completed:
         log.info("batch %s completed", b)
     if fin.retry:
@@ -266,10 +315,11 @@ def _process(ctx: JobContext, msg: JobMessage) -> dict[str, int]:
     return result.counts
 
 
-def _write(sink: Sink, b: str, j: str, ref: str, record: dict[str, Any] | BaseException) -> Outcome:
-    """Store one image's record; what the finish script should make of it."""
+def _write(ctx: JobContext, sink: Sink, url: str, b: str, j: str, ref: str,
+           record: dict[str, Any] | BaseException, token: str) -> Outcome:
+    """Store one image's record under this run's key; what the finish script should make of it."""
     if isinstance(record, JobTimeout):
-        return Outcome(j, "retry", error={"stage": "engine", "type": "JobTimeout", "message": str(record)})
+        return Outcome(j, RunOutcome.RETRY, error=_error("engine", record))
     if isinstance(record, TerminalError):
         # Another run fails the same way (a config this engine cannot serve): the image fails
         # now, with an error record naming it, uncharged and never dead-lettered.
@@ -279,17 +329,23 @@ def _write(sink: Sink, b: str, j: str, ref: str, record: dict[str, Any] | BaseEx
     elif isinstance(record, BaseException):  # the engine, or a bug: charged, bounded retries
         stage = "engine" if isinstance(record, BackendError) else "worker"
         log.warning("job %s of batch %s failed: %s", j, b, record)
-        return Outcome(j, "retry", error=_error(stage, record))
+        return Outcome(j, RunOutcome.RETRY, error=_error(stage, record))
     if is_retryable_record(record):
-        return Outcome(j, "retry", error=record["error"])
+        return Outcome(j, RunOutcome.RETRY, error=record["error"])
     try:
-        location = sink.write(b, j, {"image": ref, "scalecap_record": record})
-    except (SinkError, ValueError) as exc:  # a sink outage is not the job's fault
+        location = sink.write(b, j, _stamp({"image": ref, "scalecap_record": record}, token, ctx.worker),
+                              token)
+    except (SinkError, ValueError) as exc:
         log.warning("job %s of batch %s: sink write failed: %s", j, b, exc)
-        return Outcome(j, "requeue", error=_error("sink", exc))
+        try:
+            sink.probe()
+        except Exception:  # the sink is down: not the job's fault, never dead-lettered
+            ctx.gate.down(url)
+            return Outcome(j, RunOutcome.REQUEUE, error=_error("sink", exc))
+        return Outcome(j, RunOutcome.RETRY, error=_error("sink", exc))  # it refused this record
     if is_error(record):
-        return Outcome(j, "failed", location, record.get("error"))
-    return Outcome(j, "done", location)
+        return Outcome(j, RunOutcome.FAILED, location, record.get("error"))
+    return Outcome(j, RunOutcome.DONE, location)
 
 
 __all__ = ["JobContext", "LaneLock", "lease_seconds", "process_chunk"]

@@ -30,6 +30,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 
+from scalecap.fleet.outcomes import ClaimCode, RunOutcome
 from scalecap.fleet.protocol import TASK_CAPTION, TASK_WEBHOOK
 
 log = logging.getLogger(__name__)
@@ -254,9 +255,9 @@ def _postrun(sender: Any = None, task_id: str | None = None, retval: Any = None,
                 if not isinstance(n, int) or n <= 0:
                     continue
                 IMAGES.labels(_model, str(outcome)).inc(n)
-                if outcome == "dead":
+                if outcome == ClaimCode.DEAD:  # claim and finish both answer DEAD
                     DEAD_LETTERS.labels(_model).inc(n)
-                elif outcome in ("retry", "requeue"):
+                elif outcome in (RunOutcome.RETRY, RunOutcome.REQUEUE):
                     RETRIES.labels(_model, TASK_CAPTION, str(outcome)).inc(n)
         elif state not in ("RETRY", "SUCCESS"):
             IMAGES.labels(_model, "error").inc()

@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import Celery
 
+from scalecap.fleet.layout import results_prefix
 from scalecap.fleet.protocol import (
     EVENT_JOB_COMPLETED,
     TASK_CAPTION,
@@ -46,7 +47,7 @@ def results_location(batch: dict[str, str], batch_id: str) -> str:
     sink = batch.get("sink", "")
     if sink.startswith("s3://"):
         return f"{sink.rstrip('/')}/{batch_id}/"
-    return f"redis://scalecap:result:{batch_id}:"
+    return "redis://" + results_prefix(batch_id)
 
 
 def webhook_secret(redis_client: Any, batch: dict[str, str], default: str | None) -> str | None:
@@ -80,6 +81,9 @@ def register_tasks(app: Celery) -> Celery:
     """Add the fleet's tasks to `app` (a worker's; producers only send by name)."""
     settings: Settings = app.conf.scalecap_settings
     state: dict[str, Any] = {}
+    from scalecap.fleet import failpoints
+
+    failpoints.install_kombu_hook()  # tests only: `after_pop`, between kombu's pop and its unacked write
 
     def publish(chunk: Chunk, countdown: float) -> None:
         from scalecap.fleet.reconcile import publish_chunk
@@ -160,7 +164,7 @@ def register_tasks(app: Celery) -> Celery:
                 # the receiver's Retry-After when it said when to come back, else the backoff
                 delay = next_delay(attempt, base=WEBHOOK_BACKOFF_BASE, factor=4.0,
                                    cap=settings.webhook_retry_max_delay, server_says=outcome.retry_after)
-                due = time.time() + delay
+                due = ctx.store.now() + delay  # Redis' clock, as the drain reads it
                 ctx.redis.zadd(WEBHOOK_RETRIES_KEY, {json.dumps({**event, "attempt": attempt + 1}): due})
                 status_field = "retrying"
             else:

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from scalecap.fleet.outcomes import BatchState, JobState
 from scalecap.fleet.protocol import gpu_queue, queue_queued_key
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,11 @@ class FleetCollector(Collector):
             by_image: Tally[str] = Tally()
             for st in recent:
                 by_state[st["state"]] += 1
-                for s in ("queued", "running", "done", "failed", "cancelled"):
+                for s in JobState:
                     by_image[s] += int(st.get(s) or 0)
                 if st.get("model") and st.get("queue"):
                     models.setdefault(st["model"], st["queue"])
-            for state in ("submitting", "queued", "running", "cancelling", "finished", "cancelled"):
+            for state in BatchState:
                 by_state.setdefault(state, 0)
             for state, n in sorted(by_state.items()):
                 batches.add_metric([state], n)

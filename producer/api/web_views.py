@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-FINAL_STATES = ("finished", "cancelled")
+from scalecap.fleet.outcomes import FINAL_BATCH_STATES
+
+FINAL_STATES = FINAL_BATCH_STATES
 SEGMENTS = ("done", "failed", "cancelled", "running", "queued")
 """Progress bar segments, left to right."""
 

@@ -4,8 +4,11 @@ Ignored unless the variable is set (one dictionary lookup per point otherwise). 
   exit       the process dies at once (os._exit(137)), as a `kill -9` there would leave it;
   raise      a FailpointError is raised at the point;
   sleep=N    the point waits N seconds (a hang).
-Points (where they sit): `after_claim` (a worker claimed a chunk, nothing run), `after_sink_write`
-(records written, the finish script not run), `after_finish` (state final, before anything
+Points (where they sit): `after_claim` (a worker claimed a chunk, nothing run),
+`before_sink_write` (records made, none written: a run paused here past its lease must write
+nothing when it wakes), `after_sink_write` (records written, the finish script not run),
+`after_pop` (kombu popped a task message and has not yet recorded it as unacked: a worker that
+dies here loses the message), `after_finish` (state final, before anything
 else, e.g. before the I/O worker drains the outbox), `submit_after_register` (the producer
 registered a chunk of jobs but has not published it), `before_publish_retry` (a worker is about
 to publish a chunk queued again).
@@ -20,8 +23,8 @@ import time
 log = logging.getLogger(__name__)
 
 ENV = "SCALECAP_FAILPOINT"
-POINTS = ("after_claim", "after_sink_write", "after_finish", "submit_after_register",
-          "before_publish_retry")
+POINTS = ("after_claim", "before_sink_write", "after_sink_write", "after_finish",
+          "submit_after_register", "before_publish_retry", "after_pop")
 
 
 class FailpointError(RuntimeError):
@@ -65,3 +68,19 @@ def hit(name: str) -> None:
         time.sleep(float(action.split("=", 1)[1]))
         return
     raise ValueError(f"{ENV}: unknown action {action!r} for {name}")
+
+
+def install_kombu_hook() -> None:
+    """Put `after_pop` between kombu's pop of a message and its unacked write (Redis transport's
+    QoS.append), when that failpoint is set; a no-op otherwise."""
+    if "after_pop" not in active():
+        return
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.QoS.append
+
+    def append(self, message, delivery_tag):  # type: ignore[no-untyped-def]
+        hit("after_pop")
+        return original(self, message, delivery_tag)
+
+    kombu_redis.QoS.append = append

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from scalecap.errors import ConfigError
+from scalecap.fleet.layout import PREFIX
 
 SCOPES = frozenset({"submit", "read", "admin"})
 KEY_PREFIX = "sk_"
-_PREFIX = "scalecap:"
+_PREFIX = PREFIX
 _KEYS_INDEX = _PREFIX + "apikeys"
 _RAW_KEY = re.compile(r"^sk_([0-9a-f]{16})_([A-Za-z0-9_-]{20,128})$")
 _KEY_ID = re.compile(r"^[0-9a-f]{16}$")

@@ -13,12 +13,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from scalecap.fleet.layout import PREFIX
+
 DEFAULT_MAX_AGE = 30.0
 """Seconds after its last beat that a worker still counts as present."""
 
 
 def presence_key(queue: str) -> str:
-    return f"scalecap:workers:{queue}"
+    return f"{PREFIX}workers:{queue}"
 
 
 def beat(redis_client: Any, node: str, queues: Iterable[str], ttl: float = 3600.0) -> None:

@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from scalecap.fleet.audit import AUDIT_EVERY, Auditor
+from scalecap.fleet.outcomes import LeaseReply
 from scalecap.fleet.protocol import (
     EVENT_JOB_COMPLETED,
     IO_JOBS_QUEUE,
@@ -60,6 +62,10 @@ class Report:
     events: int = 0
     retries_due: int = 0
     forgotten_batches: int = 0
+    live_leases: int = 0
+    """Leases past their deadline by this process' reading, but not by Redis' clock: left alone."""
+    restored_jobs: int = 0
+    """Queued jobs that no message, unacked entry, lease or note reached (scalecap/fleet/audit.py)."""
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -74,6 +80,8 @@ class Reconciler:
         self.r = store.r
         self.settings = settings
         self._me = uuid.uuid4().hex
+        self._passes = 0
+        self.auditor = Auditor(self.r, lambda chunk: publish_chunk(app, chunk, settings.chunk_size))
 
     def _lock(self, key: str, seconds: float) -> bool:
         return bool(self.r.set(key, self._me, nx=True, px=int(seconds * 1000)))
@@ -97,7 +105,7 @@ class Reconciler:
             if items:
                 self.r.ltrim(OUTBOX_KEY, len(items), -1)  # only what was sent; new ones stay
             rep.events = len(items)
-            due = self.r.zrangebyscore(WEBHOOK_RETRIES_KEY, "-inf", time.time(), start=0, num=limit)
+            due = self.r.zrangebyscore(WEBHOOK_RETRIES_KEY, "-inf", self.store.now(), start=0, num=limit)
             for raw in due:
                 event = json.loads(raw)
                 self.app.send_task(TASK_WEBHOOK, args=[event], queue=event_lane(event))
@@ -109,19 +117,27 @@ class Reconciler:
 
     # --- jobs ---------------------------------------------------------------------------
 
-    def reconcile(self, grace: float | None = None, limit: int = 1000) -> Report:
+    def reconcile(self, grace: float | None = None, limit: int = 1000, *, audit: bool | None = None
+                  ) -> Report:
         """Take back expired leases, publish chunks noted unpublished for longer than `grace`
-        seconds (their producer or worker died before publishing), forget expired batches."""
+        seconds (their producer or worker died before publishing), forget expired batches, and
+        (every AUDIT_EVERY passes, or when `audit`) restore queued jobs whose message vanished.
+
+        Every "now" here is Redis' clock (`TIME`), never this machine's: a reconciler whose clock
+        runs ahead takes back no live lease (and expire_lease checks again by Redis' clock)."""
         s = self.settings
         grace = max(5.0, 2 * s.reconcile_interval) if grace is None else grace
         rep = Report()
         if not self._lock(RECONCILE_LOCK, 120):
             return rep
         try:
-            now = time.time()
+            now = self.store.now()
             for lease in self.r.zrangebyscore(LEASES_KEY, "-inf", now, start=0, num=limit):
                 lease = lease.decode() if isinstance(lease, bytes) else lease
-                chunk = self.store.expire_lease(lease, max_attempts=s.max_attempts)
+                reply, chunk = self.store.expire_lease(lease, max_attempts=s.max_attempts)
+                if reply is LeaseReply.LIVE:
+                    rep.live_leases += 1
+                    continue
                 rep.expired_leases += 1
                 if chunk is not None:
                     publish_chunk(self.app, chunk, s.chunk_size)
@@ -132,9 +148,12 @@ class Reconciler:
                 self.store.published(chunk.member)
                 rep.published_chunks += 1
             rep.forgotten_batches = self.store.forget_expired(now, limit)
+            if audit if audit is not None else self._passes % AUDIT_EVERY == 0:
+                rep.restored_jobs = self.auditor.audit().restored
+            self._passes += 1
         finally:
             self._unlock(RECONCILE_LOCK)
-        if rep.expired_leases or rep.published_chunks:
+        if rep.expired_leases or rep.published_chunks or rep.restored_jobs:
             log.info("reconcile: %s", rep.to_dict())
         return rep
 

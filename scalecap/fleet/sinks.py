@@ -1,8 +1,10 @@
 """Where records go: S3 (one object per record) or Redis (with a TTL).
 
-Both write by key derived from (batch, job), so a job that runs twice (a requeued job after a
-worker died) overwrites its record instead of adding a second one. A sink that is down raises
-`SinkError`, the one error a task lets propagate so Celery retries it later.
+Both write by key derived from (batch, job, attempt token): fenced records. Two runs of one job
+(a worker that froze past its lease and woke while another ran the job) write two keys, never
+one over the other; the finish script stores the location of the run the batch credits, and
+results, export and the viewer read only that location. A sink that is down raises `SinkError`;
+`probe` tells a sink that is down from a record the sink refused.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from scalecap.errors import ScaleCapError
+from scalecap.fleet.layout import RESULT_PREFIX
 from scalecap.images.s3 import s3_client  # the one S3 client factory (botocore retries here)
 
-REDIS_PREFIX = "scalecap:result:"
+REDIS_PREFIX = RESULT_PREFIX
 EXPORT_NAME = "records.jsonl"
 _MULTIPART_CHUNK = 8 * 1024 * 1024  # boto3's default multipart threshold and part size
 
@@ -28,17 +31,30 @@ class SinkError(ScaleCapError):
 class Sink(Protocol):
     url: str
 
-    def write(self, batch_id: str, job_id: str, row: dict[str, Any]) -> str:
-        """Store one record; returns its location (overwrites a previous write of the job)."""
+    def write(self, batch_id: str, job_id: str, row: dict[str, Any], attempt: str = "") -> str:
+        """Store one run's record; returns its location (its own key per attempt token)."""
         ...
 
     def read(self, location: str) -> dict[str, Any]: ...
 
     def exists(self, location: str) -> bool: ...
 
+    def batch_of(self, location: str) -> str | None:
+        """The batch id a location of this sink belongs to (None: not one of its records)."""
+        ...
+
+    def probe(self) -> None:
+        """Raise SinkError if the sink does not answer (down, denied)."""
+        ...
+
 
 def _dumps(row: dict[str, Any]) -> bytes:
     return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _record_name(job_id: str, attempt: str) -> str:
+    _check_id("job_id", job_id)
+    return f"{job_id}.{_check_id('attempt', attempt)}" if attempt else job_id
 
 
 def _check_id(name: str, value: str) -> str:
@@ -75,7 +91,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 class S3Sink:
-    """One JSON object per record at `{prefix}/{batch_id}/{job_id}.json`."""
+    """One JSON object per record at `{prefix}/{batch_id}/{job_id}.{attempt}.json`."""
 
     def __init__(self, url: str, client: Any) -> None:
         self.url = url
@@ -108,8 +124,21 @@ class S3Sink:
                 why = f"cannot be reached: {_describe(exc)}"
             raise SinkError(f"S3 sink {self.url}: bucket {self.bucket!r} {why}") from exc
 
-    def write(self, batch_id: str, job_id: str, row: dict[str, Any]) -> str:
-        key = self._key(_check_id("batch_id", batch_id), _check_id("job_id", job_id) + ".json")
+    def probe(self) -> None:
+        self.check()
+
+    def batch_of(self, location: str) -> str | None:
+        try:
+            _, key = self._split(location)
+        except ValueError:
+            return None
+        lead = self.prefix + "/" if self.prefix else ""
+        if not key.startswith(lead) or key.count("/") != lead.count("/") + 1:
+            return None
+        return key[len(lead):].split("/", 1)[0]
+
+    def write(self, batch_id: str, job_id: str, row: dict[str, Any], attempt: str = "") -> str:
+        key = self._key(_check_id("batch_id", batch_id), _record_name(job_id, attempt) + ".json")
         try:
             self.client.put_object(
                 Bucket=self.bucket, Key=key, Body=_dumps(row), ContentType="application/json"
@@ -156,7 +185,8 @@ class S3Sink:
 
         Records stream through a spooled temporary file (memory up to 8 MiB, then disk) and
         upload_fileobj switches to multipart for large exports, so memory stays bounded.
-        `locations=None` exports every record of the batch found by listing.
+        `locations=None` exports every object of the batch found by listing, records of runs the
+        batch did not credit included: pass the batch's job locations (FleetClient.export does).
         """
         if locations is None:
             locations = self.list_records(batch_id)
@@ -182,7 +212,7 @@ class S3Sink:
 
 
 class RedisSink:
-    """Each record under `scalecap:result:{batch_id}:{job_id}` with a TTL (seconds)."""
+    """Each record under `scalecap:result:{batch_id}:{job_id}:{attempt}` with a TTL (seconds)."""
 
     url = "redis"
 
@@ -191,8 +221,19 @@ class RedisSink:
         self.ttl = int(ttl)
 
     @staticmethod
-    def key(batch_id: str, job_id: str) -> str:
-        return f"{REDIS_PREFIX}{_check_id('batch_id', batch_id)}:{_check_id('job_id', job_id)}"
+    def key(batch_id: str, job_id: str, attempt: str = "") -> str:
+        name = _check_id("job_id", job_id) + (f":{_check_id('attempt', attempt)}" if attempt else "")
+        return f"{REDIS_PREFIX}{_check_id('batch_id', batch_id)}:{name}"
+
+    def batch_of(self, location: str) -> str | None:
+        try:
+            key = self._key_of(location)
+        except ValueError:
+            return None
+        return key[len(REDIS_PREFIX):].split(":", 1)[0]
+
+    def probe(self) -> None:
+        self._call("ping", self.redis.ping)
 
     @staticmethod
     def _key_of(location: str) -> str:
@@ -208,8 +249,8 @@ class RedisSink:
         except redis.RedisError as exc:
             raise SinkError(f"Redis sink: {what}: {type(exc).__name__}: {exc}") from exc
 
-    def write(self, batch_id: str, job_id: str, row: dict[str, Any]) -> str:
-        key = self.key(batch_id, job_id)
+    def write(self, batch_id: str, job_id: str, row: dict[str, Any], attempt: str = "") -> str:
+        key = self.key(batch_id, job_id, attempt)
         self._call(f"writing {key}", self.redis.set, key, _dumps(row), ex=self.ttl)
         return "redis://" + key
 

@@ -1,20 +1,33 @@
--- Claim a chunk of jobs for one run: one attempt token for the chunk, a lease until ARGV[5].
--- ARGV[4] token, [5] lease deadline, [6] max attempts, [7] '1' in the quarantine lane,
--- [8] the quarantine queue, [9] record index key prefix, then job ids.
--- Returns {lease member or '', quarantine member or '', then per job: code, detail} with code
---   run (detail: the record index entry or ''), final, busy (another run holds a live lease),
---   skip (waits for its quarantine message), quarantined (a run was lost: sent to the
---   quarantine lane, not charged), dead (dead-lettered), cancelled, missing.
--- A run that was lost outside the quarantine lane charges nobody: its job runs again alone in
--- the quarantine lane, and only a loss there charges an attempt.
-local token, deadline, max_attempts = ARGV[4], ARGV[5], tonumber(ARGV[6])
-local quarantine = ARGV[7] == '1'
+--[[ claim_chunk: claim a chunk of jobs for one run: one attempt token, one lease.
+  KEYS (of the 11 every script receives, lib.lua):
+    KEYS[1] batch hash   KEYS[3] job states   KEYS[5] finished   KEYS[6] outbox
+    KEYS[7] dead letters   KEYS[8] leases   KEYS[9] unpublished   KEYS[10] queued-images counter
+    KEYS[12] this call's kept reply (a resent claim with the same token answers alike)
+  ARGV:
+    [1] batch id  [2] retention (lib.lua; now is Redis' TIME)
+    [3] attempt token   [4] lease seconds   [5] max attempts   [6] '1' in the quarantine lane
+    [7] the quarantine queue   [8] record index key prefix   [9..] job ids
+  Replies (outcomes.ClaimCode):
+    {'missing'} when the batch does not exist; else
+    {lease member or '', quarantine member or '', then per job: code, detail}, code one of
+      run (detail: the record index entry or ''), final, busy (another run holds a live
+      lease), skip (waits for its quarantine message), quarantined (a run was lost: sent to
+      the quarantine lane, not charged), dead (dead-lettered), cancelled, missing.
+  A run that was lost outside the quarantine lane charges nobody: its job runs again alone in
+  the quarantine lane, and only a loss there charges an attempt.
+  Events: job.completed per job settled (webhook_jobs), batch.completed if that finished it.
+]]
+local kept = kept_reply()
+if kept then return kept end
+local token, max_attempts = ARGV[3], tonumber(ARGV[5])
+local deadline = string.format('%.3f', NOW + tonumber(ARGV[4]))
+local quarantine = ARGV[6] == '1'
 local h = redis.call('HMGET', KEYS[1], 'created_at', 'cancel_requested', 'webhook_jobs')
 if not h[1] then return {'missing'} end
 local cancel, webhook_jobs = h[2] == '1', h[3] == '1'
 local out, ran, lost = {}, {}, {}
 local ended = false
-for i = 10, #ARGV do
+for i = 9, #ARGV do
   local j = ARGV[i]
   local job = load_job(j)
   local code, detail = 'missing', ''
@@ -63,7 +76,7 @@ for i = 10, #ARGV do
         save_job(j, job)
         ran[#ran + 1] = j
         code = 'run'
-        detail = redis.call('GET', ARGV[9] .. j) or ''
+        detail = redis.call('GET', ARGV[8] .. j) or ''
       end
     end
   end
@@ -75,13 +88,13 @@ local lease, qmember = '', ''
 if #ran > 0 then
   lease = cjson.encode({b = B, t = token, jobs = ran})
   redis.call('ZADD', KEYS[8], deadline, lease)
-  redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
+  redis.call('HSETNX', KEYS[1], 'started_at', NOWS)
 end
 if #lost > 0 then
-  qmember = cjson.encode({c = token .. ':q', b = B, q = ARGV[8], jobs = lost})
-  redis.call('ZADD', KEYS[9], ARGV[2], qmember)
+  qmember = cjson.encode({c = token .. ':q', b = B, q = ARGV[7], jobs = lost})
+  redis.call('ZADD', KEYS[9], NOWS, qmember)
 end
 if ended then try_finish() end
 table.insert(out, 1, qmember)
 table.insert(out, 1, lease)
-return out
+return keep_reply(out)

@@ -1,7 +1,17 @@
--- Create a batch, or reopen it for a resubmission with the same config, model and sink.
--- ARGV[4..]: config, config_hash, model, queue, sink, webhook, webhook_jobs, owner.
--- Returns {'created'} | {'reopened'} | {'mismatch', field, stored value}. A mismatch writes nothing.
-local config, chash, model, queue, sink = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+--[[ create_batch: create a batch, or reopen it for a resubmission with the same config,
+  model and sink. A mismatch writes nothing.
+  KEYS (of the 11 every script receives, lib.lua):
+    KEYS[1] batch hash   KEYS[5] finished (a reopened batch leaves it)   KEYS[11] owners
+    KEYS[1..4] lose their TTL when reopened
+  ARGV:
+    [1] batch id  [2] retention (lib.lua; now is Redis' TIME)
+    [3] config JSON   [4] config hash   [5] model   [6] queue   [7] sink   [8] webhook URL or ''
+    [9] '1' for per-job events   [10] owner or ''   [11] the batches index key
+    [12] the owner's batches index key (when [10] is set)
+  Replies (outcomes.CreateReply):
+    {'created'} | {'reopened'} | {'mismatch', field, stored value}
+]]
+local config, chash, model, queue, sink = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local h = redis.call('HMGET', KEYS[1], 'created_at', 'config_hash', 'model', 'sink', 'queue')
 if h[1] then
   if h[2] ~= chash then return {'mismatch', 'config', h[2]} end
@@ -12,13 +22,13 @@ if h[1] then
   set_retention(0)
   return {'reopened'}
 end
-redis.call('HSET', KEYS[1], 'created_at', ARGV[2], 'config', config, 'config_hash', chash,
-           'model', model, 'queue', queue, 'sink', sink, 'webhook', ARGV[9],
-           'webhook_jobs', ARGV[10], 'owner', ARGV[11], 'total', 0, 'queued', 0, 'running', 0,
+redis.call('HSET', KEYS[1], 'created_at', NOWS, 'config', config, 'config_hash', chash,
+           'model', model, 'queue', queue, 'sink', sink, 'webhook', ARGV[8],
+           'webhook_jobs', ARGV[9], 'owner', ARGV[10], 'total', 0, 'queued', 0, 'running', 0,
            'done', 0, 'failed', 0, 'cancelled', 0, 'dead_lettered', 0, 'stale_results', 0, 'seq', 0)
-redis.call('ZADD', ARGV[12], ARGV[2], B)
-if ARGV[11] ~= '' then
-  redis.call('ZADD', ARGV[13], ARGV[2], B)
-  redis.call('HSET', KEYS[11], B, ARGV[11])
+redis.call('ZADD', ARGV[11], NOWS, B)
+if ARGV[10] ~= '' then
+  redis.call('ZADD', ARGV[12], NOWS, B)
+  redis.call('HSET', KEYS[11], B, ARGV[10])
 end
 return {'created'}
