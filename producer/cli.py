@@ -44,27 +44,14 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def add_submit_args(p: argparse.ArgumentParser) -> None:
+    from producer.submit_model import add_submit_options
     from scalecap.cli.options import add_config_args
 
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="JSONL manifest, directory, s3://bucket/prefix, WebDataset .tar shard (brace "
                         "patterns like shards/{00000..00127}.tar), .parquet file, or image path/URL")
-    p.add_argument("--sink", default="redis",
-                   help="where records go: s3://bucket/prefix or redis (default: redis)")
-    p.add_argument("--webhook", default=None, help="URL that receives the signed batch.completed event")
-    p.add_argument("--webhook-jobs", action="store_true",
-                   help="also send a signed job.completed event for every image (needs --webhook)")
-    p.add_argument("--batch-id", default=None, help="id of the batch (default: a new random id)")
-    p.add_argument("--model", default=None, help="model whose workers run the jobs (env SCALECAP_MODEL)")
-    p.add_argument("--queue", default=None, help="queue to send to (default: scalecap.gpu.<model>)")
-    p.add_argument("--image-key", default="image", help="manifest field holding the image")
-    p.add_argument("--image-column", default=None,
-                   help="Parquet column with image URLs/paths or image bytes (default: --image-key)")
-    p.add_argument("--id-column", default=None,
-                   help="Parquet column whose value each record keeps (meta.source.id, source_key)")
+    add_submit_options(p)  # one flag per SubmitOptions field: the client and the API share them
     p.add_argument("--wait", action="store_true", help="show progress and wait until the batch ends")
-    p.add_argument("--chunk-size", type=int, default=None,
-                   help="images per task message (env SCALECAP_CHUNK_SIZE, default 16)")
     _add_broker(p)
     add_config_args(p)
 
@@ -102,22 +89,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _submit(client: Any, args: argparse.Namespace, config: Any, bar: Any, on_wait: Any) -> Any:
-    return client.submit(
-        args.sources,
-        sink=args.sink,
-        webhook=args.webhook,
-        webhook_jobs=args.webhook_jobs,
-        config=config,
-        batch_id=args.batch_id,
-        model=args.model,
-        queue=args.queue,
-        image_key=args.image_key,
-        image_column=args.image_column,
-        id_column=args.id_column,
-        on_progress=(lambda n: bar.update(n - bar.n)) if bar is not None else None,
-        chunk_size=args.chunk_size,
-        on_wait=on_wait,
-    )
+    from producer.submit_model import SubmitOptions
+
+    return client.submit(args.sources, SubmitOptions.from_args(args, config),
+                         on_progress=(lambda n: bar.update(n - bar.n)) if bar is not None else None,
+                         on_wait=on_wait)
 
 
 def _wait(client: Any, result: Any) -> int:

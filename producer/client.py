@@ -10,39 +10,28 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-from scalecap.config import ImageScaleCaptionGenerateConfig
+from producer.submit import SubmitResult
+from producer.submit_model import SubmitOptions
 from scalecap.errors import ConfigError, ScaleCapError
-from scalecap.fleet import failpoints
-from scalecap.fleet.outcomes import BatchState, JobState, RegisterCode
+from scalecap.fleet.outcomes import BatchState, JobState
 from scalecap.fleet.protocol import (
     DEAD_LETTER_KEY,
     IO_QUEUE,
-    TASK_CAPTION,
     WEBHOOK_ATTEMPTS_SHOWN,
     BatchStore,
     batch_jobs_key,
     check_batch_id,
     counts,
-    fleet_job_id,
-    gpu_queue,
-    new_batch_id,
     queue_queued_key,
     webhook_attempts_key,
 )
 from scalecap.fleet.redact import redact_url
-from scalecap.images import bucket_refusal
 from scalecap.settings import Settings
 
 log = logging.getLogger(__name__)
-
-CHUNK = 512
-"""Jobs registered (one Lua script) and published per flush while streaming a source."""
-FLUSH_SECONDS = 0.25
-"""A partial chunk is flushed after this long, so a slow source still starts work early."""
-
 
 class BatchNotFound(ScaleCapError, KeyError):
     """No batch with this id in this Redis."""
@@ -50,54 +39,6 @@ class BatchNotFound(ScaleCapError, KeyError):
 
 class BatchUnfinished(ConfigError):
     """`purge` of a batch that has not finished, without force."""
-
-
-@dataclass
-class SubmitResult:
-    batch_id: str
-    queue: str
-    submitted: int
-    """Jobs new to this batch and queued."""
-    failed: int
-    """Rows that could not become jobs (bad lines): counted failed with an error record."""
-    duplicates: int
-    """Rows whose image the batch already held (repeated lines, a resubmission)."""
-    completed: bool
-    """The batch was already finished when submission closed (e.g. every row was bad)."""
-    republished: int = 0
-    """Of the duplicates, jobs not final yet whose messages were published again (a resubmission
-    after a crash: any that was lost runs; a duplicate message is skipped by the workers)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-class _Unbatched:
-    """Stands in for kombu's publish batch on kombu < 5.7: every publish goes out at once."""
-
-    def __enter__(self) -> _Unbatched:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def flush(self) -> None:
-        return None
-
-
-def _publish_batch(producer: Any) -> Any:
-    batch = getattr(producer, "batch", None)
-    return batch(CHUNK + 1) if batch is not None else _Unbatched()
-
-
-def _config(config: Any) -> ImageScaleCaptionGenerateConfig:
-    if config is None:
-        return ImageScaleCaptionGenerateConfig()
-    if isinstance(config, ImageScaleCaptionGenerateConfig):
-        return config
-    if isinstance(config, dict):
-        return ImageScaleCaptionGenerateConfig.from_dict(config)
-    return ImageScaleCaptionGenerateConfig.from_file(config)
 
 
 class FleetClient:
@@ -137,109 +78,34 @@ class FleetClient:
     def submit(
         self,
         source: Iterable[Any] | str,
+        options: SubmitOptions | None = None,
         *,
-        sink: str = "redis",
-        webhook: str | None = None,
-        webhook_jobs: bool = False,
-        config: Any = None,
-        batch_id: str | None = None,
-        model: str | None = None,
-        queue: str | None = None,
-        image_key: str = "image",
-        image_column: str | None = None,
-        id_column: str | None = None,
         on_progress: Callable[[int], None] | None = None,
-        owner: str | None = None,
-        chunk_size: int | None = None,
         on_wait: Callable[[int], None] | None = None,
+        **fields: Any,
     ) -> SubmitResult:
         """Stream `source` into a batch: each job is published as soon as it is read.
 
-        Constant memory whatever the source's size; workers start on the first chunk while the
-        rest is still being read. Resubmitting the same images under the same config (to this or
-        another batch) is idempotent: finished images are not captioned or written again, and
-        every job that is not final is published again (a crashed submit is repaired this way).
-        A resubmission with another config, model or sink raises BatchMismatch, writing nothing.
-        `chunk_size`: images per task message (default SCALECAP_CHUNK_SIZE). `on_wait(queued)` is
-        called while submission waits because more than SCALECAP_MAX_QUEUED images are queued.
-        `image_column`/`id_column`: a Parquet source's image and key columns (producer/sources.py).
+        `options` (or its fields as keywords: sink, webhook, webhook_jobs, config, batch_id,
+        model, queue, image_key, image_column, id_column, chunk_size, owner, session, scope; see
+        producer/submit_model.py) say where and how. Constant memory whatever the source's size;
+        workers start on the first chunk while the rest is still being read. Resubmitting the
+        same images under the same config (to this or another batch) is idempotent: finished
+        images are not captioned or written again, and every job that is not final is published
+        again (a crashed submit is repaired this way). A resubmission with another config, model
+        or sink raises BatchMismatch, writing nothing. Concurrent submits to one batch each hold
+        a session; the batch completes once, when the last closes. `on_wait(queued)` is called
+        while submission waits because more than SCALECAP_MAX_QUEUED images are queued.
         """
-        from producer.sources import expand
+        from producer.submit import submit
 
-        cfg = _config(config)
-        model = model or self.settings.model
-        queue = queue or gpu_queue(model)
-        k = max(1, int(chunk_size or self.settings.chunk_size))
-        batch_id = check_batch_id(batch_id) if batch_id else new_batch_id()
-        if webhook and not webhook.startswith(("http://", "https://")):
-            raise ConfigError(f"webhook must be an http(s) URL, got {redact_url(webhook)!r}")
-        if webhook_jobs and not webhook:
-            raise ConfigError("webhook_jobs needs a webhook URL")
-        self.sink(sink)  # unknown sink or missing bucket: fail before anything is queued
-        config_hash = cfg.config_hash()
-        self.store.create_batch(
-            batch_id,
-            config=cfg.to_public_dict(),  # secrets stay with the workers' settings
-            config_hash=config_hash,
-            model=model,
-            queue=queue,
-            sink=sink,
-            webhook=webhook,
-            webhook_jobs=webhook_jobs,
-            owner=owner,
-        )
-        result = SubmitResult(batch_id, queue, 0, 0, 0, False)
-        chunk: list[tuple[str, str, dict[str, Any] | None]] = []
-        started = time.monotonic()
+        opts = replace(options or SubmitOptions(), **fields)
+        return submit(self, source, opts, on_progress=on_progress, on_wait=on_wait)
 
-        with self.app.producer_or_acquire() as producer, _publish_batch(producer) as batch:
-            # kombu (>= 5.7) buffers the chunk's publishes in one Redis pipeline until flush().
-
-            def flush() -> None:
-                if not chunk:
-                    return
-                self._backpressure(queue, on_wait)
-                codes, todo = self.store.register_jobs(batch_id, chunk, queue=queue)
-                for code in codes:
-                    if code is RegisterCode.NEW:
-                        result.submitted += 1
-                    elif code is RegisterCode.BAD:
-                        result.failed += 1
-                    else:
-                        result.duplicates += 1
-                        result.republished += code is RegisterCode.KNOWN
-                failpoints.hit("submit_after_register")
-                if todo is not None:
-                    for msg in todo.messages(k):
-                        self.app.send_task(TASK_CAPTION, args=[msg.to_json()], queue=queue,
-                                           producer=producer)
-                    batch.flush()
-                    self.store.published(todo.member)  # on the broker: nothing left to repair
-                chunk.clear()
-                if on_progress is not None:
-                    on_progress(result.submitted + result.failed + result.duplicates)
-
-            for row in expand(source, image_key=image_key, image_column=image_column, id_column=id_column,
-                              s3_client_factory=self._s3_client):
-                refused = None if row.error else bucket_refusal(row.ref, self.settings.allowed_buckets)
-                if refused:  # the workers would refuse it too: fail it now, with the reason
-                    row = replace(row, error={"stage": "submit", "type": "ImageAccessDenied",
-                                              "message": refused})  # fmt: skip
-                if row.error:
-                    jid = fleet_job_id("bad-row:" + row.ref, config_hash, model)
-                else:
-                    jid = fleet_job_id(row.ref, config_hash, model)
-                chunk.append((jid, row.ref, row.error))
-                if len(chunk) >= CHUNK or time.monotonic() - started > FLUSH_SECONDS:
-                    flush()
-                    started = time.monotonic()
-            flush()
-
-        result.completed = self.store.close(batch_id).completed  # its event is in the outbox
-        return result
-
-    def _backpressure(self, queue: str, on_wait: Callable[[int], None] | None) -> None:
-        """Wait while more than SCALECAP_MAX_QUEUED images are queued for this queue's model."""
+    def backpressure(self, queue: str, on_wait: Callable[[int], None] | None = None,
+                     keepalive: Callable[[], None] | None = None) -> None:
+        """Wait while more than SCALECAP_MAX_QUEUED images are queued for this queue's model
+        (`keepalive` is called while waiting: the submission is not abandoned)."""
         limit = self.settings.max_queued
         if limit <= 0:
             return
@@ -249,6 +115,8 @@ class FleetClient:
                 return
             if on_wait is not None:
                 on_wait(queued)
+            if keepalive is not None:
+                keepalive()
             time.sleep(0.5)
 
     # --- follow ------------------------------------------------------------------------
@@ -286,6 +154,7 @@ class FleetClient:
             "batch_id": batch_id,
             "state": state,
             "owner": b.get("owner") or None,
+            "sessions": int(b.get("sessions") or 0),  # submissions still open (state: submitting)
             **c,
             "sink": b.get("sink"),
             "model": b.get("model"),
@@ -475,4 +344,4 @@ class FleetClient:
                 gone.append(b)
 
 
-__all__ = ["IO_QUEUE", "BatchNotFound", "BatchUnfinished", "FleetClient", "SubmitResult"]
+__all__ = ["IO_QUEUE", "BatchNotFound", "BatchUnfinished", "FleetClient", "SubmitOptions", "SubmitResult"]

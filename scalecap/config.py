@@ -158,6 +158,15 @@ class ImageScaleCaptionGenerateConfig:
     def answer_threshold(self) -> float:
         return self.sentence_threshold if self.tau_answer is None else float(self.tau_answer)
 
+    def thresholds(self) -> tuple[float, float]:
+        """(sentence, answer) thresholds as the chain applies them: the one rule, used by the
+        golden and second-filter stages and written to the record. Yes/no compares
+        P(yes) - P(no) with 0; contrastive uses tau_sentence (or its score mode's default) and
+        tau_answer (or the sentence threshold)."""
+        if self.sentence_filter == "yesno":
+            return 0.0, 0.0
+        return self.sentence_threshold, self.answer_threshold
+
     # --- (de)serialisation ---------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

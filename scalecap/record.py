@@ -77,13 +77,15 @@ def success_record(ctx: ImageContext, meta: dict[str, Any]) -> dict[str, Any]:
 
 def _scoring_meta(ctx: ImageContext) -> dict[str, Any]:
     c = ctx.config
+    sentence, answer = c.thresholds()
+    both = {"threshold": sentence, "answer_threshold": answer}  # what the viewer shows
     if c.sentence_filter == "yesno":
-        return {"sentence_filter": "yesno"}
+        return {"sentence_filter": "yesno", **both}
     return {
         "sentence_filter": "contrastive",
         "score_mode": c.score_mode,
         "filter_unit": c.filter_unit,
-        "threshold": c.sentence_threshold,
+        **both,
         "scoring_passes": 1 if ctx.one_pass else 2,
     }
 

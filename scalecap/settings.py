@@ -59,9 +59,15 @@ class Settings:
     """A separate Redis for the Redis results sink (default: the broker's)."""
     max_queued: int = 0
     """Submit backpressure: above this many images queued for a model the producer waits (0: off)."""
+    submit_timeout: float = 600.0
+    """Seconds a submission session may go without registering jobs before the reconciler closes it
+    (its producer is taken as gone; the batch then finishes with what was registered)."""
     reconcile_interval: float = 30.0
     """Seconds between the I/O worker's reconcile passes (lost messages, expired leases, retention)."""
     webhook_retry_max_delay: float = 300.0
+    webhook_lease: float = 300.0
+    """Seconds an event handed to a delivery task stays hidden; unsettled by then (its task or
+    worker lost, a Redis error in it), it is handed over again."""
     """Longest wait between two attempts of one webhook event (seconds)."""
     s3_endpoint_url: str | None = None
     s3_access_key_id: str | None = None

@@ -66,8 +66,9 @@ def _exactly_once(fleet: Fleet, client, batch_id: str, images: list[Path], s3, b
 
 def test_producer_killed_mid_submit_then_resubmitted(redis_server, tmp_path, s3_server, s3_bucket):
     """The producer dies after registering its jobs and before publishing them: nothing runs,
-    nothing is lost. A resubmission with the same batch id publishes every job not final."""
-    fleet = _fleet(redis_server, tmp_path, s3_server, "producer")
+    nothing is lost. A resubmission with the same batch id publishes every job not final; the
+    batch completes once the dead producer's session is closed (SCALECAP_SUBMIT_TIMEOUT)."""
+    fleet = _fleet(redis_server, tmp_path, s3_server, "producer", SCALECAP_SUBMIT_TIMEOUT="2")
     try:
         images = make_images(fleet.tmp / "imgs", ["red", "green", "blue", "white", "yellow", "red"])
         fleet.scripted(concurrency=2)
@@ -88,7 +89,12 @@ def test_producer_killed_mid_submit_then_resubmitted(redis_server, tmp_path, s3_
 
         again = client.submit([str(p) for p in images], sink=sink, model="scripted", batch_id="crash1")
         assert (again.submitted, again.duplicates, again.republished) == (0, 6, 6)
-        client.wait("crash1", timeout=60)
+        wait_until(lambda: client.status("crash1")["done"] == 6, timeout=60, what="6 done")
+        assert client.status("crash1")["state"] == "submitting", "the dead producer's session is open"
+        from scalecap.fleet.sessions import close_expired
+
+        wait_until(lambda: close_expired(client.store, 2) == 1, timeout=10, what="its session expired")
+        assert client.status("crash1")["state"] == "finished"
         _exactly_once(fleet, client, "crash1", images, s3_server.client(), s3_bucket, "p")
         assert len(fleet.vlm_calls()) == 6, "no image captioned twice"
 

@@ -62,12 +62,13 @@ def test_outbox_drains_into_two_lanes_and_retries_come_back_when_due(redis_url):
     assert [e["type"] for e in batch_lane] == ["batch.completed"]
     assert [e["type"] for e in job_lane] == ["job.completed"] * 2
     assert len({e["id"] for e in batch_lane + job_lane}) == 3
+    assert c.redis.zcard(WEBHOOK_RETRIES_KEY) == 3  # handed over: pending until their tasks settle
     # A retry scheduled by the webhook task comes back into its lane when due, not before.
     event = {**batch_lane[0], "attempt": 2}
     c.redis.zadd(WEBHOOK_RETRIES_KEY, {json.dumps(event): time.time() + 60})
     assert rec.drain().retries_due == 0
     c.redis.zadd(WEBHOOK_RETRIES_KEY, {json.dumps(event): time.time() - 1})
-    assert rec.drain().retries_due == 1 and c.redis.zcard(WEBHOOK_RETRIES_KEY) == 0
+    assert rec.drain().retries_due == 1 and c.redis.zcard(WEBHOOK_RETRIES_KEY) == 4  # leased again
     assert [e.get("attempt") for e in _bodies(c.redis, IO_QUEUE)] == [None, 2]
 
 

@@ -7,7 +7,6 @@ one that does not exist (404). Reads go through FleetClient only.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import re
 import threading
@@ -19,11 +18,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
+from producer.api.admission import admit, queue_for, quota_exceeded, status_or_none
 from producer.api.auth import owns, require
 from producer.api.limits import is_ndjson, read_json, too_large
 from producer.api.models import (
-    BATCH_ID_PATTERN,
-    MODEL_PATTERN,
     BatchAccepted,
     BatchList,
     BatchRequest,
@@ -32,25 +30,22 @@ from producer.api.models import (
     JobPage,
     SubmitCounts,
 )
-from producer.api.params import no_unknown_query
+from producer.api.params import no_unknown_query, upload_query
 from producer.api.problems import ApiProblem, bad_request, not_found, responses
 from producer.api.quota import capped
 from producer.api.refs import RefError, check_ref, checked_rows
 from producer.api.submission import UploadAborted, UploadTooLarge, body_lines
 from producer.client import BatchNotFound
 from producer.sources import SourceRow, expand, manifest_rows
-from scalecap.config import ImageScaleCaptionGenerateConfig
+from producer.submit_model import BATCH_ID_PATTERN, SubmitOptions, api_fields
 from scalecap.errors import ConfigError
 from scalecap.fleet.keys import ApiKey
-from scalecap.fleet.protocol import gpu_queue
 from scalecap.images import bucket_allowed, bucket_refusal
 
 router = APIRouter(prefix="/v1", tags=["batches"], dependencies=[Depends(no_unknown_query)])
 
 _BATCH_ID = re.compile(BATCH_ID_PATTERN)
 _JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
-ADMIN_ONLY_CONFIG = frozenset({"llm_base_url", "llm_model", "llm_api_key"})
-"""Config fields that point workers at another server (with the fleet's LLM key): admin only."""
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -67,45 +62,7 @@ _UPLOAD_BODY = {
 }
 
 
-# --- shared helpers (also used by /v1/captions) ---------------------------------------------
-
-
-def chain_config(raw: Any, key: ApiKey) -> ImageScaleCaptionGenerateConfig:
-    if raw is None:
-        return ImageScaleCaptionGenerateConfig()
-    if not isinstance(raw, dict):
-        raise bad_request("config must be an object of ScaleCap config fields", "bad-config")
-    if not key.is_admin and ADMIN_ONLY_CONFIG & set(raw):
-        raise bad_request(f"config fields {sorted(ADMIN_ONLY_CONFIG & set(raw))} need an admin key",
-                          "bad-config")
-    try:
-        return ImageScaleCaptionGenerateConfig.from_dict(raw)
-    except (ConfigError, ValueError, TypeError) as exc:
-        raise bad_request(f"config: {exc}", "bad-config") from exc
-
-
-def queue_for(model: str) -> str:
-    try:
-        return gpu_queue(model)
-    except ConfigError as exc:
-        raise bad_request(str(exc), "bad-model") from exc
-
-
-def batch_id_for(key: ApiKey, batch_id: str | None, idempotency_key: str | None) -> str | None:
-    """The client's batch id, or one derived from (key, Idempotency-Key): a retry lands on it."""
-    if batch_id:
-        return batch_id
-    if idempotency_key:
-        digest = hashlib.sha256(f"{key.key_id}\0{idempotency_key}".encode()).hexdigest()[:32]
-        return f"idem-{digest}"
-    return None
-
-
-def status_or_none(client: Any, batch_id: str) -> dict[str, Any] | None:
-    try:
-        return client.status(batch_id)
-    except BatchNotFound:
-        return None
+# --- shared helpers -------------------------------------------------------------------------
 
 
 def owned_status(request: Request, key: ApiKey, batch_id: str) -> dict[str, Any]:
@@ -124,11 +81,6 @@ def accepted(request: Request, batch_id: str, *, replayed: bool = False,
     return BatchAccepted(batch_id=batch_id, status_url=f"{base}/v1/batches/{batch_id}",
                          results_url=f"{base}/v1/batches/{batch_id}/results", replayed=replayed,
                          submission=counts)
-
-
-def quota_exceeded(request: Request, key: ApiKey, detail: str) -> ApiProblem:
-    retry = str(int(request.app.state.settings.api_retry_after))
-    return ApiProblem(429, "quota-exceeded", detail, headers={"Retry-After": retry})
 
 
 # --- POST /v1/batches -----------------------------------------------------------------------
@@ -155,7 +107,7 @@ def _check_source(request: Request, url: str) -> None:
     if not bucket:
         raise bad_request("source: no bucket", "bad-reference")
     prefix = prefix.split("{", 1)[0]  # a brace pattern: list what comes before its first group
-    if not bucket_allowed(bucket, getattr(settings, "allowed_buckets", None) or []):
+    if not bucket_allowed(bucket, settings.allowed_buckets):
         raise bad_request(f"source: bucket {bucket!r} is not allowed", "bad-reference")
     try:
         s3 = request.app.state.client._s3_client()
@@ -165,7 +117,7 @@ def _check_source(request: Request, url: str) -> None:
 
 
 def _check_bucket(request: Request, ref: str) -> str:
-    allowed = getattr(request.app.state.settings, "allowed_buckets", None) or []
+    allowed = request.app.state.settings.allowed_buckets
     if not allowed:
         return ref
     opened = [ref]
@@ -194,27 +146,14 @@ async def create_batch(
     key: ApiKey = Depends(require("submit")),
     idempotency_key: str | None = Header(default=None, max_length=200,
                                          description="Retries with the same key return the same batch"),
-    model: str | None = Query(default=None, max_length=512, pattern=MODEL_PATTERN,
-                              description="Uploads: the model"),
-    sink: str = Query(default="redis", max_length=2048, description="Uploads: 'redis' or s3://bucket/prefix"),
-    webhook: str | None = Query(default=None, max_length=4096, description="Uploads: webhook URL"),
-    webhook_jobs: bool = Query(default=False, description="Uploads: a job.completed event per image"),
-    batch_id: str | None = Query(default=None, pattern=BATCH_ID_PATTERN, description="Uploads: batch id"),
-    image_key: str = Query(default="image", max_length=128, description="Uploads: the image field"),
-    config: str | None = Query(default=None, max_length=65536, description="Uploads: config as JSON"),
+    query: dict[str, Any] = Depends(upload_query),
 ) -> Any:
     st = request.app.state
     settings, client = st.settings, st.client
     ctype = request.headers.get("content-type")
     upload = is_ndjson(ctype)
     if upload:
-        try:
-            cfg_raw = json.loads(config) if config else None
-        except ValueError as exc:
-            raise bad_request(f"config is not JSON: {exc}", "bad-config") from exc
-        req = BatchRequest.model_construct(images=None, source=None, model=model, config=cfg_raw, sink=sink,
-                                           webhook=webhook, webhook_jobs=webhook_jobs, batch_id=batch_id,
-                                           image_key=image_key)
+        req = BatchRequest.model_construct(images=None, source=None, **query)
     elif (ctype or "").split(";")[0].strip().lower() in ("application/json", ""):
         body = await read_json(request, settings.api_max_body_bytes)
         try:
@@ -231,30 +170,21 @@ async def create_batch(
         raise ApiProblem(415, "unsupported-media-type",
                          "send application/json or a JSONL manifest as application/x-ndjson")
 
-    cfg = chain_config(req.config, key)
-    model_name = req.model or settings.model
-    queue_for(model_name)
-    bid = batch_id_for(key, req.batch_id, idempotency_key)
-    if bid is not None:
-        existing = await run_in_threadpool(status_or_none, client, bid)
-        if existing is not None:
-            if not owns(key, existing):
-                raise ApiProblem(409, "conflict", "this batch_id is not available; choose another")
-            if idempotency_key and existing["state"] != "submitting":
-                response.status_code = 200
-                return accepted(request, bid, replayed=True)
-
-    room = await run_in_threadpool(st.quota.room, key)
-    if room is not None and room <= 0:
-        raise quota_exceeded(request, key, f"key {key.key_id} has {key.max_queued} images queued or "
-                                           "running (its quota); retry later")
+    options = SubmitOptions(**{f.name: getattr(req, f.name) for f in api_fields()})
+    adm = await admit(request, key, options, idempotency_key=idempotency_key,
+                      conflict="this batch_id is not available; choose another",
+                      replay=lambda existing: bool(idempotency_key) and _settled(existing))
+    options, room = adm.options, adm.room
+    if adm.replayed:
+        response.status_code = 200
+        return accepted(request, options.batch_id or "", replayed=True)
     roots = list(settings.allowed_roots)
     rows: Any
     if upload:
         loop = asyncio.get_running_loop()
         abort = threading.Event()
         lines = body_lines(request.stream(), loop, settings.api_max_upload_bytes, abort)
-        rows = capped(checked_rows(manifest_rows(lines, "upload", image_key=req.image_key), roots), room)
+        rows = capped(checked_rows(manifest_rows(lines, "upload", image_key=options.image_key), roots), room)
     elif req.images is not None:
         refs = []
         for i, ref in enumerate(req.images):
@@ -268,18 +198,12 @@ async def create_batch(
         rows = capped((SourceRow(r) for r in refs), room)
     else:
         await run_in_threadpool(_check_source, request, req.source)
-        rows = capped(checked_rows(_source_rows(client, req.source, req.image_key, req.image_column,
-                                                req.id_column), roots), room)
+        rows = capped(checked_rows(_source_rows(client, req.source, options.image_key, options.image_column,
+                                                options.id_column), roots), room)
 
-    submit_kw = dict(sink=req.sink, webhook=req.webhook, webhook_jobs=req.webhook_jobs, config=cfg,
-                     batch_id=bid, model=model_name, owner=key.key_id)
-    if bid is None:
-        from scalecap.fleet.protocol import new_batch_id
-
-        bid = submit_kw["batch_id"] = new_batch_id()
-    await run_in_threadpool(st.quota.track, key, bid)
+    bid = options.batch_id or ""
     try:
-        result = await st.submitter.start(rows, wait_all=upload, **submit_kw)
+        result = await st.submitter.start(rows, options, wait_all=upload)
     except UploadTooLarge as exc:
         await run_in_threadpool(_cancel_quietly, client, bid)
         raise too_large(settings.api_max_upload_bytes) from exc
@@ -299,6 +223,12 @@ async def create_batch(
         counts = SubmitCounts(submitted=result.submitted, failed=result.failed, duplicates=result.duplicates)
     response.headers["Location"] = f"/v1/batches/{bid}"
     return accepted(request, bid, counts=counts)
+
+
+def _settled(status: dict[str, Any]) -> bool:
+    """An earlier request's batch that answers a retry: not still submitting, and not an upload
+    that failed before registering anything (cancelled empty: the retry submits again)."""
+    return status["state"] != "submitting" and not (status["state"] == "cancelled" and not status["total"])
 
 
 def _cancel_quietly(client: Any, batch_id: str) -> None:
@@ -398,4 +328,4 @@ def cancel_batch(request: Request, batch_id: str, key: ApiKey = Depends(require(
     return request.app.state.client.cancel(batch_id)
 
 
-__all__ = ["batch_id_for", "chain_config", "owned_status", "queue_for", "router"]
+__all__ = ["owned_status", "queue_for", "router"]

@@ -15,17 +15,17 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from producer.api.auth import owns, require
-from producer.api.batches import batch_id_for, chain_config, queue_for, quota_exceeded, status_or_none
+from producer.api.admission import admit
+from producer.api.auth import require
 from producer.api.limits import read_json
 from producer.api.models import CaptionRequest, CaptionResult
 from producer.api.params import no_unknown_query
 from producer.api.problems import ApiProblem, bad_request, responses
 from producer.api.refs import RefError, check_ref
 from producer.sources import SourceRow
+from producer.submit_model import SubmitOptions
 from scalecap.errors import ConfigError
 from scalecap.fleet.keys import ApiKey
-from scalecap.fleet.protocol import new_batch_id
 
 router = APIRouter(prefix="/v1", tags=["captions"], dependencies=[Depends(no_unknown_query)])
 
@@ -69,27 +69,18 @@ async def caption(
     except ValidationError as exc:
         e = exc.errors()[0]
         raise ApiProblem(400, "invalid-request", f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from exc
-    cfg = chain_config(body.config, key)
-    model = body.model or settings.model
-    queue_for(model)
     try:
         ref = check_ref(body.image, list(settings.allowed_roots))
     except RefError as exc:
         raise bad_request(f"image: {exc}", "bad-reference") from exc
-    bid = batch_id_for(key, None, idempotency_key)
-    existing = await run_in_threadpool(status_or_none, client, bid) if bid else None
-    if existing is not None and not owns(key, existing):
-        raise ApiProblem(409, "conflict", "this Idempotency-Key cannot be used; choose another")
-    if existing is None:
-        room = await run_in_threadpool(st.quota.room, key)
-        if room is not None and room < 1:
-            raise quota_exceeded(request, key, f"key {key.key_id} has {key.max_queued} images queued "
-                                               "or running (its quota); retry later")
-        bid = bid or new_batch_id()
-        await run_in_threadpool(st.quota.track, key, bid)
+    adm = await admit(request, key, SubmitOptions(config=body.config, model=body.model),
+                      idempotency_key=idempotency_key,
+                      conflict="this Idempotency-Key cannot be used; choose another",
+                      replay=lambda existing: True)
+    bid = adm.options.batch_id or ""
+    if not adm.replayed:
         try:
-            await st.submitter.start([SourceRow(ref)], wait_all=True, sink="redis", config=cfg,
-                                     batch_id=bid, model=model, owner=key.key_id)
+            await st.submitter.start([SourceRow(ref)], adm.options, wait_all=True)
         except (ConfigError, ValueError) as exc:
             raise bad_request(str(exc)) from exc
     limit = float(settings.api_caption_timeout)

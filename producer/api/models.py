@@ -4,45 +4,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-BATCH_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
-MODEL_PATTERN = r"^(?:[A-Za-z0-9._:@+-]*/)*[A-Za-z0-9._:@+-]*[A-Za-z0-9][A-Za-z0-9._:@+-]*/*$"
-"""A hub id or a path whose last part names the model (it becomes the queue name)."""
+from producer.submit_model import MODEL_PATTERN, api_fields, value_type
 
 
-class BatchRequest(BaseModel):
-    """A batch as JSON: a list of image references, or an s3:// prefix (or manifest) to expand."""
+def _batch_request() -> type[BaseModel]:
+    """BatchRequest, derived from SubmitOptions' `api` fields plus the rows (images or source)."""
+    fields: dict[str, Any] = {
+        "images": (list[str] | None, Field(
+            default=None, min_length=1,
+            description="Image references: http(s)://, s3://bucket/key, data: URIs, or local paths "
+                        "inside the server's allowed roots")),
+        "source": (str | None, Field(
+            default=None, max_length=2048,
+            description="Instead of images: s3://bucket/prefix/ (every image, JSONL manifest, "
+                        "WebDataset .tar shard and .parquet file under it), one such object, or a "
+                        "brace pattern such as s3://bucket/shards/{00000..00127}.tar")),
+    }
+    for f in api_fields():
+        typ = dict[str, Any] | None if f.name == "config" else value_type(f)
+        fields[f.name] = (typ, Field(default=f.default, description=f.metadata["help"],
+                                     max_length=f.metadata["max_length"], pattern=f.metadata["pattern"]))
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        "BatchRequest", __config__=ConfigDict(extra="forbid"),
+        __doc__="A batch as JSON: a list of image references, or an s3:// prefix (or manifest) to "
+                "expand; the other fields are SubmitOptions (producer/submit_model.py).",
+        **fields)
 
-    model_config = ConfigDict(extra="forbid")
 
-    images: list[str] | None = Field(
-        default=None, min_length=1,
-        description="Image references: http(s)://, s3://bucket/key, data: URIs, or local paths "
-                    "inside the server's allowed roots")
-    source: str | None = Field(
-        default=None, description="Instead of images: s3://bucket/prefix/ (every image, JSONL "
-                                  "manifest, WebDataset .tar shard and .parquet file under it), one "
-                                  "such object, or a brace pattern such as "
-                                  "s3://bucket/shards/{00000..00127}.tar", max_length=2048)
-    model: str | None = Field(default=None, max_length=512, pattern=MODEL_PATTERN,
-                              description="Model whose workers run the jobs (default: the server's)")
-    config: dict[str, Any] | None = Field(default=None, description="ScaleCap config fields")
-    sink: str = Field(default="redis", max_length=2048, description="'redis' or s3://bucket/prefix")
-    webhook: str | None = Field(default=None, max_length=4096,
-                                description="URL receiving the signed batch.completed event")
-    webhook_jobs: bool = Field(default=False, description="Also send a job.completed event per image")
-    batch_id: str | None = Field(default=None, pattern=BATCH_ID_PATTERN,
-                                 description="Client-chosen id: resubmitting to it adds only new images")
-    image_key: str = Field(default="image", max_length=128,
-                           description="Field holding the image in a manifest's lines")
-    image_column: str | None = Field(default=None, max_length=256,
-                                     description="Parquet sources: the image column (URLs/paths, or "
-                                                 "bytes as HF's Image feature stores them); "
-                                                 "default: image_key")
-    id_column: str | None = Field(default=None, max_length=256,
-                                  description="Parquet sources: a column whose value is kept as the "
-                                              "record's source key")
+BatchRequest = _batch_request()
 
 
 class CaptionRequest(BaseModel):

@@ -3,11 +3,14 @@ caller should hear about, and a parameter the route does not declare cannot chan
 
 from __future__ import annotations
 
+import inspect
+import json
 from typing import Any
 
-from fastapi import Request
+from fastapi import Query, Request
 
-from producer.api.problems import ApiProblem
+from producer.api.problems import ApiProblem, bad_request
+from producer.submit_model import query_fields, value_type
 
 
 def _query_names(dependant: Any) -> set[str]:
@@ -30,4 +33,35 @@ def no_unknown_query(request: Request) -> None:
         raise ApiProblem(400, "invalid-request", f"unknown query parameter(s): {shown}")
 
 
-__all__ = ["no_unknown_query"]
+def _upload_query(**params: Any) -> dict[str, Any]:
+    raw = params.pop("config", None)
+    try:
+        params["config"] = json.loads(raw) if raw else None
+    except ValueError as exc:
+        raise bad_request(f"config is not JSON: {exc}", "bad-config") from exc
+    return params
+
+
+def _upload_signature() -> inspect.Signature:
+    """One query parameter per SubmitOptions `query` field, plus `config` as JSON text."""
+    params = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=value_type(f),
+                          default=Query(default=f.default, description="Uploads: " + f.metadata["help"],
+                                        max_length=f.metadata["max_length"], pattern=f.metadata["pattern"]))
+        for f in query_fields()
+    ]
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
+                                    default=Query(default=None, max_length=65536,
+                                                  description="Uploads: config fields as JSON")))
+    return inspect.Signature(params, return_annotation=dict[str, Any])
+
+
+def upload_query(**params: Any) -> dict[str, Any]:
+    """Route dependency: a JSONL upload's SubmitOptions from its query string (config parsed)."""
+    return _upload_query(**params)
+
+
+upload_query.__signature__ = _upload_signature()  # type: ignore[attr-defined]
+
+
+__all__ = ["no_unknown_query", "upload_query"]

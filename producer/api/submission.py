@@ -19,6 +19,7 @@ from typing import Any
 
 from producer.client import SubmitResult
 from producer.sources import SourceRow
+from producer.submit_model import SubmitOptions
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Submitter:
         self.in_flight = 0
         self._lock = threading.Lock()
 
-    async def start(self, rows: Iterable[SourceRow], *, wait_all: bool, **submit_kw: Any
+    async def start(self, rows: Iterable[SourceRow], options: SubmitOptions, *, wait_all: bool
                     ) -> SubmitResult | None:
         """Submit; return when the batch exists (None) or, with `wait_all`, when all rows are in.
 
@@ -64,11 +65,11 @@ class Submitter:
             with self._lock:
                 self.in_flight += 1
             try:
-                return self.client.submit(_started(rows, on_start), **submit_kw)
+                return self.client.submit(_started(rows, on_start), options)
             except Exception:
                 if started.done():  # after the 202: nobody else will hear of it
                     log.exception("submission of batch %s failed after it was accepted",
-                                  submit_kw.get("batch_id"))
+                                  options.batch_id)
                 raise
             finally:
                 with self._lock:

@@ -172,38 +172,41 @@ def _num(v: Any) -> float | None:
     return f if math.isfinite(f) and f > NO_CONTENT_BELOW else None
 
 
-def _default_threshold(score_mode: str | None) -> float | None:
-    try:
-        from scalecap.rating import DEFAULT_THRESHOLD
-    except ImportError:  # an older core without score modes
+def _implied(mode: str, config: dict[str, Any], meta: dict[str, Any]) -> tuple[float, float] | None:
+    """(sentence, answer) thresholds the chain's own rule (config.thresholds) gives for what the
+    batch config and record say; None when they say too little (a contrastive config with
+    neither tau_sentence nor a score mode: not recorded)."""
+    known = {k: config[k] for k in ("score_mode", "tau_sentence", "tau_answer") if config.get(k) is not None}
+    if meta.get("score_mode"):
+        known["score_mode"] = meta["score_mode"]
+    if mode != "yesno" and not ({"score_mode", "tau_sentence"} & set(known)):
         return None
-    return DEFAULT_THRESHOLD.get(score_mode or "")
+    try:
+        from scalecap.config import ImageScaleCaptionGenerateConfig
+
+        return ImageScaleCaptionGenerateConfig.from_dict({**known, "sentence_filter": mode}).thresholds()
+    except Exception:  # a config this core does not know (an older or newer record)
+        return None
 
 
 def thresholds(record: dict[str, Any], config: dict[str, Any]) -> tuple[str, float | None, float | None]:
     """(sentence filter, sentence threshold, answer threshold) as the chain applied them.
 
-    A threshold written in the record wins; else what the config implies (yes/no compares
-    P(yes) - P(no) with 0; contrastive uses tau_sentence, or its score mode's default).
+    Thresholds written in the record win; else what the config implies by the chain's rule.
+    An answer threshold nobody set is the sentence threshold applied.
     """
     meta = record.get("meta") or {}
     mode = str(meta.get("sentence_filter") or config.get("sentence_filter") or "contrastive")
     fb = meta.get("golden_fallback") if isinstance(meta.get("golden_fallback"), dict) else {}
+    implied = _implied(mode, config, meta)
     sentence = next((t for t in (_num(meta.get("threshold")), _num(meta.get("sentence_threshold")),
                                  _num(fb.get("threshold"))) if t is not None), None)
-    if sentence is None:
-        if mode == "yesno":
-            sentence = 0.0
-        else:
-            sentence = _num(config.get("tau_sentence"))
-            if sentence is None and ("score_mode" in config or "score_mode" in meta):
-                sentence = _default_threshold(meta.get("score_mode") or config.get("score_mode"))
+    if sentence is None and implied is not None:
+        sentence = implied[0]
     answer = _num(meta.get("answer_threshold"))
-    if answer is None:
-        answer = 0.0 if mode == "yesno" else _num(config.get("tau_answer"))
-    if answer is None:
-        answer = sentence
-    return mode, sentence, answer
+    if answer is None and implied is not None and (mode == "yesno" or config.get("tau_answer") is not None):
+        answer = implied[1]
+    return mode, sentence, sentence if answer is None else answer
 
 
 def _words(text: str) -> set[str]:

@@ -11,7 +11,9 @@ nothing when it wakes), `after_sink_write` (records written, the finish script n
 dies here loses the message), `after_finish` (state final, before anything
 else, e.g. before the I/O worker drains the outbox), `submit_after_register` (the producer
 registered a chunk of jobs but has not published it), `before_publish_retry` (a worker is about
-to publish a chunk queued again).
+to publish a chunk queued again), `drain_after_take` (a drainer took an event from the outbox,
+its webhook task not yet published), `webhook_after_send` (the webhook was POSTed, the attempt
+not yet recorded nor the event settled).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ log = logging.getLogger(__name__)
 
 ENV = "SCALECAP_FAILPOINT"
 POINTS = ("after_claim", "before_sink_write", "after_sink_write", "after_finish",
-          "submit_after_register", "before_publish_retry", "after_pop")
+          "submit_after_register", "before_publish_retry", "after_pop", "drain_after_take",
+          "webhook_after_send")
 
 
 class FailpointError(RuntimeError):

@@ -128,6 +128,11 @@ class BatchStore:
         sec, usec = self.r.time()
         return int(sec) + int(usec) / 1e6
 
+    def run_script(self, name: str, batch_id: str, args: list[Any]) -> Any:
+        """Run transition `name` with the KEYS and leading ARGV every script gets, then `args`
+        (the session scripts, scalecap/fleet/sessions.py, read theirs from the end)."""
+        return self._run(name, batch_id, args)
+
     def queue_of(self, batch_id: str) -> str:
         return _decode(self.r.hget(batch_key(batch_id), "queue") or b"")
 

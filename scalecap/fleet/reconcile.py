@@ -8,7 +8,6 @@ skip final and busy jobs), an event sent twice keeps its webhook-id.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -16,26 +15,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from scalecap.fleet.audit import AUDIT_EVERY, Auditor
+from scalecap.fleet.outbox import Outbox
 from scalecap.fleet.outcomes import LeaseReply
 from scalecap.fleet.protocol import (
-    EVENT_JOB_COMPLETED,
-    IO_JOBS_QUEUE,
-    IO_QUEUE,
     LEASES_KEY,
-    OUTBOX_KEY,
     PREFIX,
     TASK_CAPTION,
-    TASK_WEBHOOK,
     UNPUBLISHED_KEY,
-    WEBHOOK_RETRIES_KEY,
     BatchStore,
     Chunk,
 )
+from scalecap.fleet.sessions import close_expired
 from scalecap.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DRAIN_LOCK = PREFIX + "lock:drain"
 RECONCILE_LOCK = PREFIX + "lock:reconcile"
 
 
@@ -49,12 +43,6 @@ def publish_chunk(app: Any, chunk: Chunk, k: int, countdown: float = 0.0) -> int
     return n
 
 
-def event_lane(event: dict[str, Any]) -> str:
-    """Batch events and per-job events have their own lanes: a batch event never waits behind
-    thousands of job events."""
-    return IO_JOBS_QUEUE if event.get("type") == EVENT_JOB_COMPLETED else IO_QUEUE
-
-
 @dataclass
 class Report:
     published_chunks: int = 0
@@ -62,6 +50,7 @@ class Report:
     events: int = 0
     retries_due: int = 0
     forgotten_batches: int = 0
+    closed_sessions: int = 0
     live_leases: int = 0
     """Leases past their deadline by this process' reading, but not by Redis' clock: left alone."""
     restored_jobs: int = 0
@@ -93,27 +82,10 @@ class Reconciler:
     # --- events -------------------------------------------------------------------------
 
     def drain(self, limit: int = 500) -> Report:
-        """Outbox events and webhook retries that are due become webhook tasks in their lane."""
-        rep = Report()
-        if not self._lock(DRAIN_LOCK, 30):
-            return rep
-        try:
-            items = self.r.lrange(OUTBOX_KEY, 0, limit - 1)
-            for raw in items:
-                event = json.loads(raw)
-                self.app.send_task(TASK_WEBHOOK, args=[event], queue=event_lane(event))
-            if items:
-                self.r.ltrim(OUTBOX_KEY, len(items), -1)  # only what was sent; new ones stay
-            rep.events = len(items)
-            due = self.r.zrangebyscore(WEBHOOK_RETRIES_KEY, "-inf", self.store.now(), start=0, num=limit)
-            for raw in due:
-                event = json.loads(raw)
-                self.app.send_task(TASK_WEBHOOK, args=[event], queue=event_lane(event))
-                self.r.zrem(WEBHOOK_RETRIES_KEY, raw)
-            rep.retries_due = len(due)
-        finally:
-            self._unlock(DRAIN_LOCK)
-        return rep
+        """Outbox events and due webhook retries become webhook tasks in their lane, one atomic
+        hand-over each (scalecap/fleet/outbox.py): no lock, and nothing lost on any error."""
+        drained = Outbox(self.r, self.settings.webhook_lease).drain(self.app, limit)
+        return Report(events=drained.events, retries_due=drained.retries_due)
 
     # --- jobs ---------------------------------------------------------------------------
 
@@ -148,12 +120,13 @@ class Reconciler:
                 self.store.published(chunk.member)
                 rep.published_chunks += 1
             rep.forgotten_batches = self.store.forget_expired(now, limit)
+            rep.closed_sessions = close_expired(self.store, s.submit_timeout, limit)
             if audit if audit is not None else self._passes % AUDIT_EVERY == 0:
                 rep.restored_jobs = self.auditor.audit().restored
             self._passes += 1
         finally:
             self._unlock(RECONCILE_LOCK)
-        if rep.expired_leases or rep.published_chunks or rep.restored_jobs:
+        if rep.expired_leases or rep.published_chunks or rep.restored_jobs or rep.closed_sessions:
             log.info("reconcile: %s", rep.to_dict())
         return rep
 

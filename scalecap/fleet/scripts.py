@@ -11,7 +11,8 @@ import re
 from importlib import resources
 
 SCRIPTS = ("create_batch", "register_jobs", "claim_chunk", "finish_chunk", "close_batch",
-           "cancel_jobs", "expire_lease", "renew_lease")
+           "cancel_jobs", "expire_lease", "renew_lease", "open_session",
+           "touch_session", "close_session")
 
 _KEY_USE = re.compile(r"KEYS\[(\d+)\]")
 

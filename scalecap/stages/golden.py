@@ -75,7 +75,7 @@ async def run(ctx: ImageContext) -> None:
             raise UnusableText("the initial caption has no sentence to rate")
         if kept_tail:
             ctx.notes["unterminated_caption_rated"] = True
-        threshold = 0.0 if cfg.sentence_filter == "yesno" else cfg.sentence_threshold
+        threshold = cfg.thresholds()[0]
         (rated,) = await rate_texts(ctx, [(prompts.INIT_CAPTION, text, gen)], [cut], threshold)
         ctx.sentences = [r.text for r in rated]
         ctx.sentence_scores = [round(r.score, 6) for r in rated]

@@ -22,7 +22,7 @@ async def run(ctx: ImageContext) -> None:
         todo = [i for i, r in enumerate(ctx.answer_results) if r.text.strip()]
         if not todo:
             return
-        threshold = 0.0 if cfg.sentence_filter == "yesno" else cfg.answer_threshold
+        threshold = cfg.thresholds()[1]
         results = ctx.answer_results
         rated = await rate_texts(
             ctx,
