@@ -10,11 +10,12 @@ import threading
 
 import pytest
 
-from producer.api.refs import RefError, check_ref, checked_rows
+from producer.api.refs import RefError, RefRefused, check_ref, checked_rows
 from producer.api.submission import MAX_LINE_BYTES, UploadTooLarge, body_lines
 from producer.sources import SourceRow
 from scalecap.errors import ConfigError
 from scalecap.fleet.keys import ApiKey, KeyStore, parse_scopes
+from scalecap.fleet.scope import Scope
 
 
 @pytest.fixture
@@ -89,8 +90,12 @@ def test_references_outside_the_roots_are_refused(tmp_path):
                 "ftp://x/y", "s3://bucket", "https://", "", "   ", f"file://host{root}/a.png"):
         with pytest.raises(RefError):
             check_ref(bad, roots)
-    with pytest.raises(RefError, match="no SCALECAP_ALLOWED_ROOTS"):
+    with pytest.raises(RefRefused, match="the fleet's SCALECAP_ALLOWED_ROOTS"):
         check_ref(f"{root}/a.png", [])
+    with pytest.raises(RefRefused, match="the key's allowed roots"):  # a key scoped elsewhere
+        check_ref(f"{root}/a.png", roots, scope=Scope.of([str(tmp_path / "other")]))
+    with pytest.raises(RefRefused, match="the key's allowed buckets"):  # a key without buckets
+        check_ref("s3://bucket/key.png", roots, scope=Scope.of([str(root)]))
     rows = list(checked_rows([SourceRow(f"{root}/a.png"), SourceRow("/etc/passwd")], roots))
     assert rows[0].error is None and rows[1].error["type"] == "ImageAccessDenied"
 

@@ -61,6 +61,12 @@ class Quota:
             raise QuotaExceeded(limit, int(in_use), wanted)
         return int(took)
 
+    def release(self, key: ApiKey, batch_id: str) -> None:
+        """Drop the reservation of a batch that was never created (its request failed first)."""
+        if not self.r.exists(f"{PREFIX}batch:{batch_id}"):
+            self.r.hdel(reservations_key(key.key_id), batch_id)
+            self.r.srem(active_batches_key(key.key_id), batch_id)
+
     def in_use(self, key: ApiKey) -> int:
         """Images of `key` queued, running or admitted now (reserves nothing)."""
         limit = self.limit(key)

@@ -6,13 +6,14 @@ hop, the allowed networks, the byte cap, the header pixel cap). So the viewer re
 what the fleet already reaches for that caller's batches: no new SSRF or path hole.
 
 Memory is bounded: a JPEG is decoded at reduced size (Pillow `draft`, DCT scaling), every image
-is shrunk with `reduce` before resampling, one decode runs at a time per API process (so at most
-one image of at most SCALECAP_MAX_DECODE_PIXELS is in memory), and the JPEG bytes (or the
-failure) are cached once per (owner, image, size) in a cache of at most CACHE_BYTES.
+is shrunk with `reduce` before resampling, one decode runs at a time per API process, on one
+thread (so at most one image of at most SCALECAP_MAX_DECODE_PIXELS is in memory), and the JPEG
+bytes (or the failure) are cached once per (owner, image, size) in at most CACHE_BYTES.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import threading
@@ -65,8 +66,9 @@ CACHE_BYTES = 16 * 1024 * 1024
 _cache: OrderedDict[tuple[str, str, int], bytes | ImageError] = OrderedDict()
 _cache_bytes = 0
 _cache_lock = threading.Lock()
-_decode_gate = threading.BoundedSemaphore(1)
-"""One thumbnail decode at a time: the viewer never holds two full-size bitmaps."""
+_decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="thumbnail")
+"""One thumbnail decode at a time, always on the same thread: the viewer never holds two
+full-size bitmaps, and the allocator reuses one arena instead of growing one per request thread."""
 
 
 def _cache_get(key: tuple[str, str, int]) -> bytes | ImageError | None:
@@ -105,18 +107,24 @@ def thumbnail(ref: str, settings: Settings, size: int, *, owner: str = "") -> by
     key = (owner, hashlib.sha256(ref.encode("utf-8", "surrogatepass")).hexdigest(), size)
     hit = _cache_get(key)
     if hit is None:
-        with _decode_gate:
-            hit = _cache_get(key)  # made while this request waited for the gate
-            if hit is None:
-                try:
-                    hit = _render(ref, settings, size)
-                except ImageFetchError:
-                    raise  # may pass: not cached
-                except ImageError as exc:
-                    hit = type(exc)(type(exc).__name__)  # keep the kind, not the message
-                _cache_put(key, hit)
+        hit = _decoder.submit(_render_once, key, ref, settings, size).result()
     if isinstance(hit, ImageError):
         raise hit
+    return hit
+
+
+def _render_once(key: tuple[str, str, int], ref: str, settings: Settings, size: int) -> bytes | ImageError:
+    """On the decoder thread: the cached entry (made while this request waited), or a new one."""
+    hit = _cache_get(key)
+    if hit is not None:
+        return hit
+    try:
+        hit = _render(ref, settings, size)
+    except ImageFetchError:
+        raise  # may pass: not cached
+    except ImageError as exc:
+        hit = type(exc)(type(exc).__name__)  # keep the kind, not the message
+    _cache_put(key, hit)
     return hit
 
 

@@ -428,6 +428,12 @@ def image_thumbnail(request: Request, batch_id: str, job_id: str, size: int | st
     except (TypeError, ValueError):
         px = 640
     headers = {"Cache-Control": "private, max-age=600", "X-Content-Type-Options": "nosniff"}
+    from scalecap.fleet.access import refusal
+
+    if refusal(ref, who.key.scope, w.settings.allowed_roots, w.settings.allowed_buckets):
+        # The viewing key's scope, as at submit (it may have been narrowed since).
+        return Response(placeholder_svg("ImageAccessDenied"), status_code=403, media_type="image/svg+xml",
+                        headers={**headers, "Content-Security-Policy": "default-src 'none'"})
     try:
         body = thumbnail(ref, w.settings, px, owner=who.key.key_id)
     except ImageError as exc:

@@ -29,6 +29,7 @@ from typing import Any
 
 from scalecap.errors import ConfigError
 from scalecap.fleet.layout import PREFIX
+from scalecap.fleet.scope import Scope
 
 SCOPES = frozenset({"submit", "read", "admin"})
 KEY_PREFIX = "sk_"
@@ -129,6 +130,12 @@ class ApiKey:
     def fleet_wide(self) -> bool:
         """Whether the key reads whatever the fleet's allow-lists allow."""
         return self.all_data or self.is_admin
+
+    @property
+    def scope(self) -> Scope | None:
+        """The data scope its batches carry: None for fleet-wide, else its roots and buckets
+        (both empty: http(s) and data: only)."""
+        return None if self.fleet_wide else Scope.of(self.roots, self.buckets)
 
     def can(self, scope: str) -> bool:
         """Admin implies every scope."""
