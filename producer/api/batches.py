@@ -46,7 +46,7 @@ router = APIRouter(prefix="/v1", tags=["batches"], dependencies=[Depends(no_unkn
 
 _BATCH_ID = re.compile(BATCH_ID_PATTERN)
 _JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
-MAX_SUBMISSION_REF_CHARS = 64 * 1024 * 1024
+MAX_SUBMISSION_REF_CHARS = 256 * 1024 * 1024
 """Characters of references one submission may bring in all (what Redis keeps of them)."""
 
 _UPLOAD_BODY = {
