@@ -62,6 +62,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     client = _client(args)
     config = config_from_args(args)
+    _warn_unserved(client, args, config)
     bar = None
     if args.wait:
         from tqdm import tqdm
@@ -86,6 +87,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     return _wait(client, result)
+
+
+def _warn_unserved(client: Any, args: argparse.Namespace, config: Any) -> None:
+    """Warn when no live worker on the batch's queue can compute its rating rule."""
+    from scalecap.fleet.presence import unserved_warning
+    from scalecap.fleet.protocol import gpu_queue
+
+    queue = args.queue or gpu_queue(args.model or client.settings.model)
+    try:
+        line = unserved_warning(client.redis, queue, config.rule_name)
+    except Exception:  # Redis away: submit itself will say so
+        return
+    if line:
+        print(f"scalecap submit: warning: {line}", file=sys.stderr)
 
 
 def _submit(client: Any, args: argparse.Namespace, config: Any, bar: Any, on_wait: Any) -> Any:

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from scalecap import prompts
 from scalecap.backends.base import score_values
 from scalecap.config import ImageScaleCaptionGenerateConfig
 from scalecap.errors import ConfigError, StageError
@@ -21,6 +20,7 @@ from scalecap.images import ImageLimits, load_image
 from scalecap.record import base_meta, error_record, job_id, success_record
 from scalecap.stages import answers, caption, fusion, golden, questions, second_filter
 from scalecap.stages.context import ImageContext
+from scalecap.templates import templates_for
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -42,13 +42,20 @@ class ChainItem:
     job_id: str | None = None
 
 
+def rules_served(vlm: Backend) -> list[str]:
+    """The rating rules a backend can compute: what a worker advertises for `scalecap submit`."""
+    if not getattr(vlm, "supports_scoring", False):
+        return ["yesno"]
+    if score_values(vlm) == "logits":
+        return ["logit_diff", "yesno"]
+    return ["log_ratio", "prob_diff", "yesno"]
+
+
 def check_backend(vlm: Backend, config: ImageScaleCaptionGenerateConfig) -> None:
     """Refuse a backend that cannot give what the config's rating needs, before any image runs."""
     name = type(vlm).__name__
     if config.sentence_filter != "contrastive":
-        if score_values(vlm) == "logits":
-            raise ConfigError(f"backend {name} returns raw logits; yes/no rating needs logprobs")
-        return
+        return  # yes/no compares two alternatives at one position: logprobs and raw logits both do
     if not getattr(vlm, "supports_scoring", False):
         raise ConfigError(f"backend {name} cannot score tokens; use sentence_filter='yesno'")
     values = score_values(vlm)
@@ -61,7 +68,8 @@ def check_backend(vlm: Backend, config: ImageScaleCaptionGenerateConfig) -> None
     if config.score_mode != "logit_diff" and values == "logits":
         raise ConfigError(
             f"backend {name} returns raw logits (logprobs_mode='raw_logits'); score_mode "
-            f"{config.score_mode!r} needs logprobs: use score_mode 'logit_diff'"
+            f"{config.score_mode!r} needs logprobs: use score_mode 'logit_diff' (preset 'authors') or "
+            "sentence_filter 'yesno'"
         )
 
 
@@ -89,18 +97,22 @@ class ScaleCapChain:
             min_pixels=self.config.min_pixels, max_pixels=self.config.max_pixels
         )
         self.config_hash = self.config.config_hash()
+        self.templates = templates_for(self.config)
         check_backend(vlm, self.config)
 
     def job_id_for(self, ref: str) -> str:
         return job_id(ref, self.config_hash)
 
     def _meta(self, jid: str | None) -> dict[str, Any]:
-        return base_meta(
+        meta = base_meta(
             job=jid,
             model=self.vlm.model_name,
             llm_model=getattr(self.llm, "model_name", None),
             config_hash=self.config_hash,
         )
+        meta["preset"] = self.config.preset
+        meta["rule"] = self.config.rule
+        return meta
 
     async def caption_image(self, image: Image, *, ref: str = "", jid: str | None = None) -> dict[str, Any]:
         """The record of one already loaded image. Never raises for a per-image failure."""
@@ -109,9 +121,10 @@ class ScaleCapChain:
             config=self.config,
             vlm=self.vlm,
             llm=self.llm,
-            system=self.config.system_prompt or prompts.DEFAULT_SYSTEM,
-            text_system=self.config.text_system_prompt or prompts.TEXT_SYSTEM,
+            system=self.templates.system,
+            text_system=self.templates.text_system,
             image_ref=ref,
+            templates=self.templates,
         )
         try:
             for stage in STAGES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -11,11 +12,39 @@ from pathlib import Path
 from typing import Any, Literal
 
 from scalecap.errors import ConfigError
-from scalecap.rating import DEFAULT_THRESHOLD, FILTER_UNITS, SCORE_MODES, FilterUnit, ScoreMode
+from scalecap.rating import (
+    DEFAULT_THRESHOLD,
+    FILTER_UNITS,
+    SCORE_MODES,
+    TOKEN_FILTERS,
+    FilterUnit,
+    ScoreMode,
+    TokenFilter,
+)
+from scalecap.templates import load_prompts, validate_prompts
 
 SentenceFilter = Literal["contrastive", "yesno"]
 AnswerFallback = Literal["keep_all", "drop"]
 GoldenFallback = Literal["caption", "best", "error"]
+Preset = Literal["authors"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "authors": {
+        "score_mode": "logit_diff",
+        "tau_sentence": 0.0,
+        "token_filter": "all",
+        "filter_unit": "clause",
+        "sentence_filter": "contrastive",
+        "golden_fallback": "caption",
+        "answer_fallback": "keep_all",
+        "max_questions": None,
+        "max_pixels": 40_000_000,
+        "repetition_penalty": 1.05,
+    },
+}
+"""What each preset sets. "authors": the ScaleCap authors' released code as it runs
+(docs/chain.md, "Differences from the authors' code"); 40 Mpx is the decode cap, so images are
+not downscaled below what the worker may decode at all."""
 
 # Fields that change what the chain writes; their values make the config hash (and so job ids).
 # Addresses and keys of a separate language model are left out on purpose: the same model behind a
@@ -33,20 +62,26 @@ class ImageScaleCaptionGenerateConfig:
     nats for log_ratio, logits for logit_diff, probability for prob_diff.
     """
 
+    preset: Preset | None = None
+    """Fills every field not given explicitly with the preset's value (PRESETS); None: the
+    defaults below. Fields given explicitly win, so each piece stays its own option."""
     tau_sentence: float | None = None
     """A unit is kept when its largest content-token difference exceeds this; None: the mode's
     default (0 for log_ratio and logit_diff, 0.15 for prob_diff)."""
     score_mode: ScoreMode = "log_ratio"
     """log_ratio (log p(img) - log p(no img)), logit_diff (raw logits; the engine must return
     logits) or prob_diff (p(img) - p(no img))."""
+    token_filter: TokenFilter = "content"
+    """content: only content words decide a unit's score (function words and punctuation are
+    habit); all: every token but clause and sentence punctuation, as the authors' code runs."""
     filter_unit: FilterUnit = "clause"
     """clause: comma clauses are rated and pruned inside a sentence (the authors' rule);
     sentence: whole sentences are kept or dropped."""
     golden_fallback: GoldenFallback = "caption"
     """When no sentence passes: keep the whole caption as the one golden sentence (the authors'
     rule), keep the best-scoring sentence, or fail the image."""
-    max_questions: int = 20
-    """Cap on object questions (each also gets a position twin)."""
+    max_questions: int | None = 20
+    """Cap on object questions (each also gets a position twin); None: no cap."""
     max_init_tokens: int = 1024
     max_answer_tokens: int = 512
     second_filter: bool = False
@@ -69,6 +104,8 @@ class ImageScaleCaptionGenerateConfig:
     temperature: float = 0.0
     """0 means greedy decoding (the default)."""
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    """Of the text-only calls (instructions, fusion); 1.0 is none. The authors' code uses 1.05."""
     seed: int | None = None
     min_pixels: int = 3136
     """Images smaller than this (width*height) are upscaled."""
@@ -78,6 +115,9 @@ class ImageScaleCaptionGenerateConfig:
     """Replaces the default system prompt of every call with the image (and of scoring)."""
     text_system_prompt: str | None = None
     """Replaces the default system prompt of the text-only calls (questions, fusion)."""
+    prompts: dict[str, str] | None = None
+    """Templates replacing ours, by name (scalecap/templates.py, docs/chain.md); validated and
+    hashed. A config file or --prompts may name a TOML file instead, read where it is loaded."""
     llm_base_url: str | None = None
     """OpenAI-compatible address of a separate language model for questions and fusion."""
     llm_model: str | None = None
@@ -111,6 +151,7 @@ class ImageScaleCaptionGenerateConfig:
         for name, allowed in (
             ("score_mode", SCORE_MODES),
             ("filter_unit", FILTER_UNITS),
+            ("token_filter", TOKEN_FILTERS),
             ("answer_fallback", ("keep_all", "drop")),
             ("golden_fallback", ("caption", "best", "error")),
         ):
@@ -128,8 +169,11 @@ class ImageScaleCaptionGenerateConfig:
                 raise ConfigError(f"{name} must be finite, got {value}")
             if self.score_mode == "prob_diff" and not -1.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must lie in [-1, 1] with score_mode prob_diff, got {value}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
+        if self.max_questions is not None:
+            _non_negative_int("max_questions", self.max_questions)
         for name in (
-            "max_questions",
             "max_init_tokens",
             "max_answer_tokens",
             "max_question_tokens",
@@ -139,15 +183,42 @@ class ImageScaleCaptionGenerateConfig:
             "min_pixels",
             "max_pixels",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+            _non_negative_int(name, getattr(self, name))
         if self.max_pixels < self.min_pixels:
             raise ConfigError("max_pixels must be >= min_pixels")
         if self.temperature < 0:
             raise ConfigError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError("top_p must lie in (0, 1]")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not 0 < rp <= 10:
+            raise ConfigError(f"repetition_penalty must be a number in (0, 10], got {rp!r}")
+        if self.prompts is not None:
+            if isinstance(self.prompts, str):
+                raise ConfigError(
+                    "prompts must be a table of templates here; a file path is read only from a config "
+                    "file or --prompts (scalecap.templates.load_prompts from Python)"
+                )
+            self.prompts = validate_prompts(self.prompts)
+
+    @property
+    def rule_name(self) -> str:
+        """What an engine must compute for this config: its score_mode, or yesno (a worker
+        advertises the names it serves, scalecap.chain.rules_served)."""
+        return "yesno" if self.sentence_filter == "yesno" else self.score_mode
+
+    @property
+    def rule(self) -> dict[str, Any]:
+        """How units are rated and kept, for the record's meta."""
+        if self.sentence_filter == "yesno":
+            return {"sentence_filter": "yesno", "threshold": self.thresholds()[0]}
+        return {
+            "sentence_filter": "contrastive",
+            "score_mode": self.score_mode,
+            "token_filter": self.token_filter,
+            "filter_unit": self.filter_unit,
+            "threshold": self.thresholds()[0],
+        }
 
     @property
     def sentence_threshold(self) -> float:
@@ -208,6 +279,30 @@ class ImageScaleCaptionGenerateConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _non_negative_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+_dataclass_init = ImageScaleCaptionGenerateConfig.__init__
+
+
+@functools.wraps(_dataclass_init)  # help() and inspect.signature still show every field
+def _init_with_preset(self: ImageScaleCaptionGenerateConfig, *args: Any, **kwargs: Any) -> None:
+    """The dataclass __init__, with the preset's values for every field not passed explicitly.
+
+    A serialised config passes every field, so a round trip never re-applies its preset."""
+    names = ImageScaleCaptionGenerateConfig.field_names()
+    kwargs.update(zip(names, args, strict=False))
+    preset = kwargs.get("preset")
+    if isinstance(preset, str) and preset in PRESETS:
+        kwargs = {**PRESETS[preset], **kwargs}
+    _dataclass_init(self, **kwargs)
+
+
+ImageScaleCaptionGenerateConfig.__init__ = _init_with_preset  # type: ignore[method-assign]
+
+
 class ConfigFieldError(ConfigError):
     """One named config field is invalid or over an operator limit (the API answers 422)."""
 
@@ -221,7 +316,7 @@ _INT_FIELDS = ("max_questions", "max_init_tokens", "max_answer_tokens", "max_que
                "min_pixels", "max_pixels")
 TOKEN_FIELDS = _INT_FIELDS[1:7]
 """Fields that are token budgets of one model call."""
-_FLOAT_FIELDS = ("tau_sentence", "tau_answer", "temperature", "top_p")
+_FLOAT_FIELDS = ("tau_sentence", "tau_answer", "temperature", "top_p", "repetition_penalty")
 _TEXT_FIELDS = ("system_prompt", "text_system_prompt", "llm_base_url", "llm_model", "llm_api_key")
 MAX_PROMPT_CHARS = 32 * 1024
 """Longest system prompt (or other text field): it is sent with every call of every image."""
@@ -232,6 +327,8 @@ def check_field_types(cfg: ImageScaleCaptionGenerateConfig) -> None:
     seed, bounded text. Raises ConfigFieldError naming the first bad field."""
     for name in _INT_FIELDS:
         v = getattr(cfg, name)
+        if v is None and name == "max_questions":  # no cap (the authors' preset)
+            continue
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigFieldError(name, f"must be a non-negative integer, got {_shown(v)}")
     for name in _FLOAT_FIELDS:
@@ -249,6 +346,9 @@ def check_field_types(cfg: ImageScaleCaptionGenerateConfig) -> None:
             raise ConfigFieldError(name, f"must be a string of at most {MAX_PROMPT_CHARS} characters")
     if not isinstance(cfg.extra, dict):
         raise ConfigFieldError("extra", "must be an object")
+    if isinstance(cfg.prompts, dict) and any(isinstance(v, str) and len(v) > MAX_PROMPT_CHARS
+                                             for v in cfg.prompts.values()):
+        raise ConfigFieldError("prompts", f"each prompt must be at most {MAX_PROMPT_CHARS} characters")
     if cfg.max_pixels < cfg.min_pixels:
         raise ConfigFieldError("max_pixels", f"must be >= min_pixels ({cfg.min_pixels})")
 
@@ -280,6 +380,8 @@ def check_cost_limits(cfg: ImageScaleCaptionGenerateConfig, limits: CostLimits) 
 
     def over(name: str, limit: int) -> bool:
         v = getattr(cfg, name)
+        if v is None:  # no cap at all (max_questions of the authors' preset)
+            return True
         return v > limit and v != defaults[name].default
 
     for name in ("min_pixels", "max_pixels"):
@@ -287,7 +389,8 @@ def check_cost_limits(cfg: ImageScaleCaptionGenerateConfig, limits: CostLimits) 
             raise ConfigFieldError(name, f"{getattr(cfg, name)} is over the decode cap of "
                                    f"{limits.max_pixels} pixels (SCALECAP_MAX_DECODE_PIXELS)")
     if over("max_questions", limits.max_questions):
-        raise ConfigFieldError("max_questions", f"{cfg.max_questions} is over the limit of "
+        asked = "no limit" if cfg.max_questions is None else cfg.max_questions
+        raise ConfigFieldError("max_questions", f"{asked} is over the limit of "
                                f"{limits.max_questions} (SCALECAP_MAX_QUESTIONS_LIMIT)")
     for name in TOKEN_FIELDS:
         if over(name, limits.max_tokens):
@@ -300,7 +403,9 @@ def _shown(v: Any) -> str:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a config file into a dict; a `[scalecap]` table in TOML is used when present."""
+    """Read a config file into a dict; a `[scalecap]` table in TOML is used when present.
+
+    A `prompts` path in it is read now, relative to the file, and replaced by its templates."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -321,4 +426,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{p}: invalid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the config must be a table/object")
+    if isinstance(data.get("prompts"), str):
+        data = {**data, "prompts": load_prompts(p.parent / data["prompts"])}
     return data

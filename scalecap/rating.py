@@ -8,13 +8,17 @@ and without the image, and compare per token (`score_mode`):
   engine must return raw logits instead of logprobs);
 - `prob_diff`: p(token | image) - p(token | no image).
 
-A unit's score is its largest difference over its content tokens: one token that only the image
-explains is evidence that the image, not habit, made the model say it. Units are sentences or
+A unit's score is its largest difference over its content tokens (`token_filter = "content"`) or
+over all its tokens but clause and sentence punctuation (`"all"`, the authors' code as it runs):
+one token that only the image explains is evidence that the image, not habit, made the model say
+it. Units are sentences or
 comma clauses (`filter_unit`). In clause mode a sentence is kept when any clause passes, with its
 failing clauses pruned.
 
 Yes/no: ask the VLM whether the sentence is correct for the image; score = P(yes) - P(no) read
 from the first generated token's top logprobs (or 1/-1/0 from the text when no logprobs exist).
+On an engine that returns raw logits the two are compared at that one position, where the
+normaliser cancels: tanh((logit yes - logit no) / 2), the same sign as P(yes) - P(no).
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ from scalecap.sentences import (
 
 ScoreMode = Literal["log_ratio", "logit_diff", "prob_diff"]
 FilterUnit = Literal["sentence", "clause"]
+TokenFilter = Literal["content", "all"]
 SCORE_MODES: tuple[str, ...] = ("log_ratio", "logit_diff", "prob_diff")
 FILTER_UNITS: tuple[str, ...] = ("sentence", "clause")
+TOKEN_FILTERS: tuple[str, ...] = ("content", "all")
 
 DEFAULT_THRESHOLD: dict[str, float] = {"log_ratio": 0.0, "logit_diff": 0.0, "prob_diff": 0.15}
 """Threshold of each mode when the config leaves it unset. 0 in the log modes is the authors'
@@ -68,15 +74,30 @@ def token_deltas(
     return [(ta, ta.logprob - tb.logprob) for ta, tb in zip(a, b, strict=True)]
 
 
+_BREAK_PUNCTUATION = frozenset(",.?!;\n\u2026")
+
+
+def counts(text: str, start: int, end: int, token_filter: TokenFilter) -> bool:
+    """Whether a token may decide its unit's score under `token_filter`.
+
+    "all" keeps every token but the punctuation that separates clauses and sentences (the
+    authors' code cuts units there and scores the rest, "the" and "on" included)."""
+    if token_filter == "all":
+        piece = text[start:end].strip()
+        return bool(piece) and not set(piece) <= _BREAK_PUNCTUATION
+    return is_content_token(text, start, end)
+
+
 def span_scores(
     text: str,
     spans: Sequence[Span],
     deltas: Sequence[tuple[TokenScore, float]],
+    token_filter: TokenFilter = "content",
 ) -> list[float]:
-    """Largest content-token delta inside each character span of `text` (NO_CONTENT if none)."""
+    """Largest counted token delta inside each character span of `text` (NO_CONTENT if none)."""
     scores = [NO_CONTENT] * len(spans)
     for tok, delta in deltas:
-        if not is_content_token(text, tok.start, tok.end):
+        if not counts(text, tok.start, tok.end, token_filter):
             continue
         mid = (tok.start + tok.end) / 2
         for i, (s, e) in enumerate(spans):
@@ -93,8 +114,9 @@ def contrastive_scores(
     without_image: ScoreResult,
     *,
     mode: ScoreMode = "log_ratio",
+    token_filter: TokenFilter = "content",
 ) -> list[float]:
-    return span_scores(text, spans, token_deltas(with_image, without_image, mode))
+    return span_scores(text, spans, token_deltas(with_image, without_image, mode), token_filter)
 
 
 @dataclass
@@ -125,13 +147,14 @@ def select(
     *,
     unit: FilterUnit,
     threshold: float,
+    token_filter: TokenFilter = "content",
 ) -> list[RatedSentence]:
     """Score every unit of every sentence and keep those above `threshold` (strictly)."""
     per_sentence = [
         clause_spans(text, span) if unit == "clause" else [span] for span in sentence_spans
     ]
     flat = [u for units in per_sentence for u in units]
-    flat_scores = iter(span_scores(text, flat, deltas))
+    flat_scores = iter(span_scores(text, flat, deltas, token_filter))
     rated = []
     for span, units in zip(sentence_spans, per_sentence, strict=True):
         scores = [next(flat_scores) for _ in units]
@@ -159,9 +182,20 @@ _YES = {"yes", "y", "true", "correct"}
 _NO = {"no", "n", "false", "incorrect"}
 
 
-def yesno_score(result: GenerateResult) -> float:
-    """P(yes) - P(no) from the first generated token's alternatives, else from the text."""
-    if result.top_logprobs:
+def yesno_score(result: GenerateResult, values: str = "logprobs") -> float:
+    """P(yes) - P(no) from the first generated token's alternatives, else from the text.
+
+    With `values="logits"` the alternatives are raw logits: the best yes and no are compared
+    (tanh of half their difference: P(yes) - P(no) renormalised over the two)."""
+    if result.top_logprobs and values == "logits":
+        first = result.top_logprobs[0]
+        yes = [v for tok, v in first.items() if tok.strip().lower() in _YES]
+        no = [v for tok, v in first.items() if tok.strip().lower() in _NO]
+        if yes and no:
+            return math.tanh((max(yes) - max(no)) / 2)
+        if yes or no:
+            return 1.0 if yes else -1.0
+    elif result.top_logprobs:
         first = result.top_logprobs[0]
         p_yes = sum(math.exp(lp) for tok, lp in first.items() if tok.strip().lower() in _YES)
         p_no = sum(math.exp(lp) for tok, lp in first.items() if tok.strip().lower() in _NO)

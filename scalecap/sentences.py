@@ -13,7 +13,11 @@ import re
 Span = tuple[int, int]
 
 # Abbreviations whose period does not end a sentence.
-_ABBREV = {"mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e", "approx", "no", "jr", "sr"}
+_ABBREV = {"mr", "mrs", "ms", "dr", "vs", "e.g", "i.e", "approx", "jr", "sr", "prof", "cf"}
+_AMBIGUOUS = {"no", "etc", "st", "mt", "ft"}
+"""Words that end sentences as often as they abbreviate ("The sign says no." / "No. 5"): like a
+single letter ("Plan B." / "J. Smith") or an initialism ("U.S."), their period ends the sentence
+only when the next word starts one (see `_starts_sentence`)."""
 _CLOSERS = "\"'\u201d\u2019)]\u00bb*_"
 """What may follow a sentence's final punctuation and still belong to it: quotes, brackets and
 markdown emphasis (`The sign reads "OPEN."`)."""
@@ -27,6 +31,7 @@ _HEADING = re.compile(
 """Markdown headings (`## Objects`), rules (`---`) and lines that are only bold (`**Scene:**`)."""
 _CLAUSE_BREAK = re.compile(r"[,;](?=\s)")
 _PREV_WORD = re.compile(r"([\w.]+)$")
+_NEXT_WORD = re.compile(r"\s+[\"'\u201c(*_]*([\w']+)")
 
 _FUNCTION_WORDS_TEXT = """
     a an the this that these those there here it its it's they them their theirs he him his she
@@ -35,7 +40,7 @@ _FUNCTION_WORDS_TEXT = """
     from by with without for about above below under over into onto out up down off through
     between among across along around behind beside besides near next and or but nor so yet if
     then than as while when where which who whom whose what why how also too very quite rather
-    just some any all each every both either neither one not no there's image picture photo
+    just some any all each every both either neither not no there's image picture photo
     photograph shows showing shown appears appear seems seem visible can see seen depicts
     depicting features featuring includes including
 """
@@ -50,8 +55,11 @@ def split_spans(text: str) -> list[Span]:
     A sentence ends at . ! ? or an ellipsis followed by whitespace (closing quotes, brackets and
     emphasis markers stay with it), and at every line break (list-style captions). Markdown
     headings, rules and bold-only lines are not sentences; a bullet or number marker at the
-    start of a line is not part of its sentence. Abbreviations such as "e.g." and "Dr." and
-    decimals such as "3.5" stay inside their sentence. Spans without a letter or digit are left out.
+    start of a line is not part of its sentence. Abbreviations such as "e.g." and "Dr.", decimals
+    such as "3.5", and a period followed by a lowercase word stay inside their sentence. After a
+    single letter, "no" or "etc" the period ends the sentence only when a capitalised function
+    word follows ("labeled B. A man waits"), not a name or number ("J. Smith", "No. 5"). Spans
+    without a letter or digit are left out.
     """
     spans: list[Span] = []
     for line in _LINE.finditer(text):
@@ -64,12 +72,29 @@ def split_spans(text: str) -> list[Span]:
             if m.group(0).startswith(".") and not m.group(0).startswith(".."):
                 prev = _PREV_WORD.search(text, start, m.start())
                 word = prev.group(1).lower() if prev else ""
-                if word in _ABBREV or (len(word) == 1 and word.isalpha()):
-                    continue  # "e.g." or an initial: the sentence goes on
+                nxt = _NEXT_WORD.match(text, m.end(), hi)
+                following = nxt.group(1) if nxt else ""
+                if word in _ABBREV or following[:1].islower():
+                    continue  # "e.g.", "Dr.", "3 ft. tall": the sentence goes on
+                if _ambiguous(word) and not _starts_sentence(following):
+                    continue  # "No. 5", "J. Smith", "U.S. Capitol": an initial or a number sign
             _add(text, spans, start, m.end())
             start = m.end()
         _add(text, spans, start, hi)
     return spans
+
+
+_INITIALISM = re.compile(r"(?:[a-z]\.)+[a-z]")
+
+
+def _ambiguous(word: str) -> bool:
+    return word in _AMBIGUOUS or (len(word) == 1 and word.isalpha()) or bool(_INITIALISM.fullmatch(word))
+
+
+def _starts_sentence(word: str) -> bool:
+    """A capitalised function word ("A", "The", "It", "There") starts a sentence; a name after
+    an initial ("Smith") or a number after "No." does not."""
+    return word[:1].isupper() and word.lower() in FUNCTION_WORDS
 
 
 def _add(text: str, spans: list[Span], start: int, end: int) -> None:
@@ -157,43 +182,3 @@ def is_content_token(text: str, start: int, end: int) -> bool:
         if word and word not in FUNCTION_WORDS:
             return True
     return False
-
-
-def normalise_object(name: str) -> str:
-    """Canonical form of an object name: lowercase, no article, no surrounding punctuation."""
-    name = name.strip().strip(".:;,!?\"'`*").strip()
-    name = re.sub(r"\s+", " ", name).lower()
-    for article in ("the ", "a ", "an ", "some "):
-        if name.startswith(article):
-            name = name[len(article) :]
-    return name.strip()
-
-
-_IRREGULAR = {
-    "men": "man", "women": "woman", "children": "child", "people": "person", "feet": "foot",
-    "teeth": "tooth", "mice": "mouse", "geese": "goose", "leaves": "leaf", "knives": "knife",
-    "shelves": "shelf", "wolves": "wolf", "loaves": "loaf", "halves": "half",
-}
-
-
-def singular(word: str) -> str:
-    """A rough English singular, good enough to tell that "cats" and "cat" are one object."""
-    if word in _IRREGULAR:
-        return _IRREGULAR[word]
-    if len(word) <= 3 or word.endswith(("ss", "us", "is")):
-        return word
-    if word.endswith("ies") and len(word) > 4:
-        return word[:-3] + "y"
-    if word.endswith(("ches", "shes", "xes", "zes", "sses", "oes")):
-        return word[:-2]
-    if word.endswith("s"):
-        return word[:-1]
-    return word
-
-
-def object_key(name: str) -> str:
-    """Deduplication key of an object name: normalised, last word in the singular."""
-    words = normalise_object(name).split()
-    if not words:
-        return ""
-    return " ".join([*words[:-1], singular(words[-1])])

@@ -42,6 +42,7 @@ class FleetVLM(ScriptedVLM):
             slow_seconds=float(options.pop("slow_seconds", 0.0)),
             poison_colour=options.pop("poison_colour", None),
             log_path=options.pop("log", None) or os.environ.get(LOG_ENV),
+            score_values=options.pop("score_values", "logprobs"),  # "logits": a raw-logits engine
         )
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:

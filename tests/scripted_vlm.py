@@ -91,6 +91,9 @@ class ScriptedVLM:
     supports_generation_logprobs: bool = False
     score_values: str = "logprobs"
     logit_shift: float = 0.0
+    logit_shifts: dict[str, float] = field(default_factory=dict)
+    """Per word: the offset of its position without the image (else logit_shift), as a real
+    normaliser differs from one position to the next."""
     prior: dict[str, float] = field(default_factory=dict)
     answers: dict[str, str] = field(default_factory=dict)
     """object -> answer text ("{colour}" is the image's colour); default "The <object> is <colour>."."""
@@ -125,7 +128,7 @@ class ScriptedVLM:
         p = self._supported(image).get(w, self.prior.get(w, BASE_P))
         value = math.log(p)
         if self.score_values == "logits" and image is None:
-            value += self.logit_shift
+            value += self.logit_shifts.get(w, self.logit_shift)
         return value
 
     def _token_id(self, token: str) -> int:

@@ -146,7 +146,7 @@ def run(coro_fn: Callable[[], Any]) -> Any:
 
 
 async def make(fake: FakeServer, **options: Any) -> OpenAIBackend:
-    options = {"backoff_base": 0.01, "backoff_max": 0.05, **options}
+    options = {"backoff_base": 0.01, "backoff_max": 0.05, "server_info": False, **options}
     backend = await OpenAIBackend.create("fake", base_url=fake.url, **options)
     return backend
 

@@ -352,8 +352,17 @@ def test_score_mode_must_match_what_the_backend_returns():
         ScaleCapChain(ScriptedVLM(score_values="logits"), ImageScaleCaptionGenerateConfig())
     yesno = ImageScaleCaptionGenerateConfig(sentence_filter="yesno")
     ScaleCapChain(ScriptedVLM(), yesno)
-    with pytest.raises(ConfigError, match="yes/no"):
-        ScaleCapChain(ScriptedVLM(score_values="logits"), yesno)
+    ScaleCapChain(ScriptedVLM(score_values="logits"), yesno)  # yes/no works on raw logits too
+
+
+def test_yesno_on_a_raw_logits_engine_keeps_what_it_keeps_on_logprobs():
+    plain = caption(ScriptedVLM(), sentence_filter="yesno")
+    logits = caption(ScriptedVLM(score_values="logits", logit_shift=3.0), sentence_filter="yesno")
+    assert logits["golden_sentences"] == plain["golden_sentences"]
+    # logits 0.8 vs 0.1 at one position: tanh(ln(8) / 2) = 0.777..., not P(yes) - P(no) = 0.7
+    assert logits["sentence_scores"][0] == pytest.approx(math.tanh(math.log(8) / 2), abs=1e-6)
+    assert logits["sentence_scores"][1] == pytest.approx(-math.tanh(math.log(8) / 2), abs=1e-6)
+    assert logits["meta"]["rule"] == {"sentence_filter": "yesno", "threshold": 0.0}
 
 
 def test_record_has_the_dataflow_fields_and_meta():

@@ -128,5 +128,13 @@ def test_logit_diff_on_a_raw_logits_vllm_engine(tiny_model_dir, engine_loop):
         rec = engine_loop.run(chain.caption(ChainItem(source=contract.make_image(), ref="raw")), timeout=300)
         assert "error" not in rec, rec
         assert rec["meta"]["score_mode"] == "logit_diff" and rec["golden_sentences"]
+        # the same engine serves the authors' preset and yes/no rating (one position, two logits)
+        for extra in ({"preset": "authors"}, {"sentence_filter": "yesno"}):
+            chain = ScaleCapChain(backend, ImageScaleCaptionGenerateConfig(**SMALL, **extra))
+            item = ChainItem(source=contract.make_image(), ref="raw")
+            rec = engine_loop.run(chain.caption(item), timeout=300)
+            assert "error" not in rec, (extra, rec)
+            assert all(-1.0 <= s <= 1.0 for s in rec["sentence_scores"]) or "preset" in extra
+        assert rec["meta"]["rule"] == {"sentence_filter": "yesno", "threshold": 0.0}
     finally:
         engine_loop.run(backend.aclose(), timeout=60)

@@ -7,13 +7,12 @@ import math
 import pytest
 
 from scalecap.backends.base import GenerateResult, ScoreResult, TokenScore, char_offsets
+from scalecap.objects import normalise_object, same_object
 from scalecap.rating import NO_CONTENT, contrastive_scores, select, token_deltas, units_of, yesno_score
 from scalecap.sentences import (
     clause_spans,
     drop_unterminated_tail,
     is_content_token,
-    normalise_object,
-    object_key,
     sentence_spans,
     split_sentences,
     split_spans,
@@ -91,9 +90,11 @@ def test_yesno_score_from_logprobs_and_text():
     assert yesno_score(GenerateResult(text="maybe")) == 0.0
 
 
-def test_normalise_object():
-    assert normalise_object(" The  Red Car. ") == "red car"
+def test_normalise_object_keeps_the_name_as_written():
+    assert normalise_object(" The  Red Car. ") == "Red Car"
     assert normalise_object("an apple") == "apple"
+    assert normalise_object("this painting") == "painting"
+    assert normalise_object("the Eiffel Tower") == "Eiffel Tower"
 
 
 def test_char_offsets_of_decoded_pieces():
@@ -131,11 +132,12 @@ def test_cut_tail_is_dropped_only_when_unterminated():
     assert units_of("A dog sits on the", truncated=True) == []
 
 
-def test_object_key_merges_singular_and_plural():
-    assert object_key("the Cats") == object_key("cat") == "cat"
-    assert object_key("boxes") == "box" and object_key("berries") == "berry"
-    assert object_key("glass") == "glass" and object_key("houses") == "house"
-    assert object_key("men") == "man" and object_key("bus") == "bus"
+def test_singular_and_plural_are_one_object_only_when_both_are_written():
+    assert same_object("Cats", "cat") and same_object("cat", "CAT")
+    assert same_object("box", "boxes") and same_object("berry", "berries")
+    assert same_object("bus", "buses") and same_object("man", "men") and same_object("leaves", "leaf")
+    assert same_object("red car", "red cars") and not same_object("red car", "blue car")
+    assert not same_object("glass", "grass") and not same_object("house", "horse")
 
 
 def test_modes_differ_on_the_same_token_probabilities():

@@ -22,6 +22,7 @@ log = logging.getLogger("scalecap.worker")
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     from scalecap.cli.options import add_engine_args
+    from scalecap.config import PRESETS
 
     parser.add_argument("--gpus", default=None,
                         help="CUDA_VISIBLE_DEVICES for this worker, e.g. 0 or 0,1; several GPUs mean "
@@ -45,6 +46,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="serve Prometheus /metrics and /healthz, /readyz probes on this port "
                         "(env SCALECAP_METRICS_PORT; address SCALECAP_METRICS_HOST)")
     add_engine_args(parser)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="serve this preset's batches: authors starts the engine with --raw-logits "
+                        "(it then serves logit_diff and yesno)")
 
 
 def _backend_options(pairs: list[str]) -> dict[str, Any]:
@@ -90,11 +94,13 @@ def start_maintenance(app: Any, settings: Any, stop: threading.Event) -> threadi
 
 
 def start_presence(settings: Any, hostname: str, queues: list[str], stop: threading.Event,
-                   interval: float = 10.0) -> threading.Thread:
+                   interval: float = 10.0, runtime: Any = None) -> threading.Thread:
     """Beat `scalecap:workers:{queue}` (scalecap/fleet/presence.py) while this worker is healthy.
 
     The API's /readyz reads it when Celery's remote control is off (the default). A worker whose
-    engine loop is stuck or whose images stall stops beating, so it drops out of readiness."""
+    engine loop is stuck or whose images stall stops beating, so it drops out of readiness. Once
+    the engine exists, each beat also says which rating rules it serves (`scalecap submit` warns
+    when none of a queue's live workers serves a batch's rule)."""
     from scalecap.fleet.presence import beat
     from scalecap.fleet.redis import redis_client
     from workers import metrics
@@ -105,7 +111,8 @@ def start_presence(settings: Any, hostname: str, queues: list[str], stop: thread
         while not stop.is_set():
             try:
                 if not metrics.health().problems():
-                    beat(client, hostname, queues)
+                    rules = runtime.rules() if runtime is not None else None
+                    beat(client, hostname, queues, rules=rules)
             except Exception as exc:  # Redis away for a moment: try again next round
                 log.debug("presence beat failed: %s", exc)
             stop.wait(interval)
@@ -196,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     if args.io:  # outbox drain, webhook retries, reconcile: one daemon thread beside the pool
         start_maintenance(app, settings, stop)
-    start_presence(settings, hostname, queues, stop)
+    start_presence(settings, hostname, queues, stop, runtime=runtime)
     try:
         worker.start()
     finally:

@@ -151,6 +151,12 @@ class EngineRuntime:
             out.append(attach_source(record, ref, chain.image_limits))
         return out
 
+    def rules(self) -> list[str] | None:
+        """Rating rules this worker's engine can compute; None before the engine exists."""
+        from scalecap.chain import rules_served
+
+        return rules_served(self._vlm) if self._vlm is not None else None
+
     def close(self) -> None:
         with self._lock:
             vlm, self._vlm = self._vlm, None

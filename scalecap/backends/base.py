@@ -34,6 +34,8 @@ class GenerateRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    """1.0 is none; the chain sets it on text-only calls only (config `repetition_penalty`)."""
     top_logprobs: int = 0
     """When > 0, return the top-k alternatives of each generated token (yes/no rating)."""
     token_scores: bool = False

@@ -5,6 +5,12 @@ two vLLM extensions: `prompt_logprobs` on /v1/chat/completions and the /tokenize
 server root. Against another server `score` raises BackendError and `supports_scoring` turns
 False; use `sentence_filter='yesno'` there, which only needs `logprobs`/`top_logprobs`.
 
+On vLLM's server (its /v1/models says `owned_by: vllm`) scoring takes one pass: a generation
+returns its tokens' logprobs and ids (`return_token_ids`), which are the with-image side, and
+the ids are teacher-forced without the image in one /v1/completions request after the chat
+prefix (tokenised once per prompt). Fusion budgets (`fit_context`) are clamped to the
+`max_model_len` that /v1/models reports.
+
 Every request of a call goes out at once (the server batches what is in flight), bounded by one
 semaphore shared by all calls on this backend. What scalecap.retry calls temporary (429, 5xx,
 timeouts, dropped connections) is retried with its backoff, honouring Retry-After; other 4xx
@@ -14,32 +20,28 @@ fail at once with the server's own message.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
+from scalecap.backends import openai_wire as wire
 from scalecap.backends.base import (
     GenerateRequest,
     GenerateResult,
     ScoreRequest,
     ScoreResult,
-    TokenScore,
-    char_offsets,
     gather_or_cancel,
 )
 from scalecap.errors import BackendError, ConfigError, RetryableBackendError
 from scalecap.retry import backoff, is_temporary_error, is_temporary_status, retry_after
 
-if TYPE_CHECKING:
-    from PIL.Image import Image
-
 log = logging.getLogger(__name__)
+_server_root = wire.server_root
 
-IMAGE_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png"}
+PREFIX_CACHE = 1024
+"""Chat prefixes (system + prompt) whose token ids are kept for one-pass scoring."""
 MAX_RETRY_AFTER = 60.0
 """Seconds: a Retry-After longer than this is capped (a server asking for an hour is broken)."""
 _sleep = asyncio.sleep
@@ -67,12 +69,14 @@ class OpenAIBackend:
     ) -> None:
         self.model_name = model
         self.base_url = base_url.rstrip("/")
-        self.server_root = _server_root(self.base_url)
+        self.server_root = wire.server_root(self.base_url)
         self.supports_scoring = True
         """Optimistic until the first `score` call finds the server lacks vLLM's extensions."""
         self.supports_generation_logprobs = False
-        """Chat messages are text, so generated ids cannot be teacher-forced: scoring takes two passes."""
+        """True on vLLM's server (found by `create`): one-pass scoring, see the module docstring."""
         self.max_model_len: int | None = None
+        """The server's context, from /v1/models (vLLM reports it): fusion budgets fit in it."""
+        self._prefixes: dict[tuple[str | None, str], asyncio.Future[list[int]]] = {}
         self.max_retries = max_retries
         self.image_format = image_format
         self.backoff_base = backoff_base
@@ -96,9 +100,13 @@ class OpenAIBackend:
         backoff_base: float = 0.5,
         backoff_max: float = 20.0,
         probe_scoring: bool = False,
+        server_info: bool = True,
         **unknown: Any,
     ) -> OpenAIBackend:
         """Open a client. An empty `model` takes the first model the server lists.
+
+        server_info reads /v1/models once: the context (`max_model_len`) and whether vLLM serves
+        the model (then scoring takes one pass).
 
         timeout is seconds per HTTP request; backoff_base/backoff_max are seconds (the n-th retry
         waits up to backoff_base * 2**(n-1), full jitter, at most backoff_max; a Retry-After
@@ -111,7 +119,7 @@ class OpenAIBackend:
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"openai backend: base_url must be an http(s) URL, got {base_url!r}")
         fmt = image_format.upper()
-        if fmt not in IMAGE_FORMATS:
+        if fmt not in wire.IMAGE_FORMATS:
             raise ConfigError(f"openai backend: image_format must be JPEG or PNG, got {image_format!r}")
         if int(max_concurrency) < 1 or int(max_retries) < 0 or float(timeout) <= 0:
             raise ConfigError("openai backend: max_concurrency >= 1, max_retries >= 0, timeout > 0")
@@ -135,9 +143,9 @@ class OpenAIBackend:
             backoff_base=float(backoff_base),
             backoff_max=float(backoff_max),
         )
-        if not model:
+        if not model or server_info:
             try:
-                backend.model_name = await backend._first_model()
+                await backend._read_server_info(required=not model)
             except BaseException:
                 await backend.aclose()
                 raise
@@ -153,13 +161,13 @@ class OpenAIBackend:
     # --- the contract ----------------------------------------------------------------------
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        images = _ImageCache(self.image_format)
+        images = wire.ImageCache(self.image_format)
         return await gather_or_cancel([self._generate_one(r, images) for r in requests])
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         if not self.supports_scoring:
             raise self._unsupported("an earlier request found it lacking")
-        images = _ImageCache(self.image_format)
+        images = wire.ImageCache(self.image_format)
         return await gather_or_cancel([self._score_one(r, images) for r in requests])
 
     async def aclose(self) -> None:
@@ -169,19 +177,25 @@ class OpenAIBackend:
 
     # --- one request ---------------------------------------------------------------------------
 
-    async def _generate_one(self, req: GenerateRequest, images: _ImageCache) -> GenerateResult:
+    async def _generate_one(self, req: GenerateRequest, images: wire.ImageCache) -> GenerateResult:
+        messages = wire.messages(req.system, await images.part(req.image), req.prompt)
         body: dict[str, Any] = {
             "model": self.model_name,
-            "messages": _messages(req.system, await images.part(req.image), req.prompt),
-            "max_tokens": req.max_tokens,
+            "messages": messages,
+            "max_tokens": await self._budget(req, messages),
             "temperature": req.temperature,
             "top_p": req.top_p,
         }
         if req.seed is not None:
             body["seed"] = req.seed
-        if req.top_logprobs > 0:
+        if req.repetition_penalty != 1.0:  # a vLLM extension: sent only when asked for
+            body["repetition_penalty"] = req.repetition_penalty
+        own_scores = req.token_scores and self.supports_generation_logprobs
+        if req.top_logprobs > 0 or own_scores:
             body["logprobs"] = True
             body["top_logprobs"] = req.top_logprobs
+        if own_scores:
+            body["return_token_ids"] = True
         data = await self._post(f"{self.base_url}/chat/completions", body)
         try:
             choice = data["choices"][0]
@@ -192,19 +206,41 @@ class OpenAIBackend:
         top = None
         if req.top_logprobs > 0:
             content = (choice.get("logprobs") or {}).get("content") or []
-            top = [_top_dict(entry) for entry in content]
+            top = [wire.top_dict(entry) for entry in content]
+        scored = wire.generated_scores(choice, text) if own_scores else None
         return GenerateResult(
             text=text,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
             top_logprobs=top,
             finish_reason=choice.get("finish_reason"),
+            tokens=scored[0] if scored else None,
+            token_ids=scored[1] if scored else None,
         )
 
-    async def _score_one(self, req: ScoreRequest, images: _ImageCache) -> ScoreResult:
+    async def _budget(self, req: GenerateRequest, messages: list[dict[str, Any]]) -> int:
+        """max_tokens, lowered for `fit_context` to what the server's context leaves after the
+        prompt (counted by /tokenize only when a prompt could come near the limit)."""
+        limit = self.max_model_len
+        if not (req.fit_context and limit and req.image is None):
+            return req.max_tokens
+        chars = len(req.prompt) + len(req.system or "")
+        if chars + 64 + req.max_tokens <= limit:  # a text token is at least one character
+            return req.max_tokens
+        body = {"model": self.model_name, "messages": messages, "add_generation_prompt": True}
+        count = (await self._post(f"{self.server_root}/tokenize", body)).get("count")
+        if not isinstance(count, int):
+            return req.max_tokens
+        if count >= limit:
+            raise BackendError(f"prompt of {count} tokens fills the context ({limit})")
+        return min(req.max_tokens, limit - count)
+
+    async def _score_one(self, req: ScoreRequest, images: wire.ImageCache) -> ScoreResult:
         if not req.continuation:
             return ScoreResult(tokens=[], prompt_tokens=0)
-        messages = _messages(req.system, await images.part(req.image), req.prompt)
+        if req.continuation_ids is not None and req.image is None and self.supports_generation_logprobs:
+            return await self._score_ids(req, req.continuation_ids)
+        messages = wire.messages(req.system, await images.part(req.image), req.prompt)
         messages.append({"role": "assistant", "content": req.continuation})
         body = {
             "model": self.model_name,
@@ -235,21 +271,58 @@ class OpenAIBackend:
                 "token scores near its start may be shifted",
                 self.model_name,
             )
-        pieces: list[str] = []
-        logprobs: list[float] = []
-        for entry, tid in zip(entries[len(entries) - n_tokens :], tail_ids, strict=True):
-            piece, lp = _actual_token(entry, tid)
-            pieces.append(piece)
-            logprobs.append(lp)
-        spans = char_offsets(pieces, req.continuation)
-        # The text is the span's own slice: a piece that does not line up (half of a split UTF-8
-        # character) gets an empty text at a zero-width span.
-        tokens = [
-            TokenScore(text=req.continuation[s:e], start=s, end=e, logprob=lp)
-            for (s, e), lp in zip(spans, logprobs, strict=True)
-        ]
+        tokens = wire.scored_tail(entries, ids, n_tokens, req.continuation)
         usage = data.get("usage") or {}
         return ScoreResult(tokens=tokens, prompt_tokens=int(usage.get("prompt_tokens") or len(entries)))
+
+    async def _score_ids(self, req: ScoreRequest, cont_ids: list[int]) -> ScoreResult:
+        """Teacher-force generated ids after the text-only chat prefix: one /v1/completions
+        request, so the tokens are exactly the generated ones (no re-tokenising of the text)."""
+        if not cont_ids:
+            return ScoreResult(tokens=[], prompt_tokens=0)
+        prefix = await self._prefix_ids(req.system, req.prompt)
+        body = {
+            "model": self.model_name,
+            "prompt": prefix + list(cont_ids),
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": 0,
+        }
+        data = await self._post(f"{self.base_url}/completions", body, scoring=True)
+        try:
+            choice = data["choices"][0]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise BackendError(f"malformed completion from {self.base_url}: {data!r:.300}") from exc
+        entries = choice.get("prompt_logprobs") or data.get("prompt_logprobs")
+        n = len(cont_ids)
+        if not isinstance(entries, list) or len(entries) != len(prefix) + n:
+            raise self._unsupported("its completions carry no prompt_logprobs for the prompt ids")
+        tokens = wire.scored_tail(entries, body["prompt"], n, req.continuation)
+        return ScoreResult(tokens=tokens, prompt_tokens=len(prefix))
+
+    async def _prefix_ids(self, system: str | None, prompt: str) -> list[int]:
+        """Token ids of the chat up to the assistant's turn (as generation saw it); tokenised once
+        per (system, prompt), however many texts under it are scored at once."""
+        key = (system, prompt)
+        task = self._prefixes.get(key)
+        if task is None:
+            if len(self._prefixes) >= PREFIX_CACHE:
+                self._prefixes.pop(next(iter(self._prefixes)))
+            task = self._prefixes[key] = asyncio.ensure_future(self._tokenize_chat(system, prompt))
+        try:
+            return await asyncio.shield(task)
+        except BaseException:
+            if task.done() and self._prefixes.get(key) is task:
+                del self._prefixes[key]  # a failure is not cached
+            raise
+
+    async def _tokenize_chat(self, system: str | None, prompt: str) -> list[int]:
+        body = {"model": self.model_name, "messages": wire.messages(system, None, prompt),
+                "add_generation_prompt": True}
+        ids = (await self._post(f"{self.server_root}/tokenize", body, scoring=True)).get("tokens")
+        if not isinstance(ids, list) or not ids:
+            raise self._unsupported("/tokenize returned no tokens for a chat")
+        return ids
 
     async def _count_tokens(self, text: str) -> tuple[int, list[int]]:
         """Token count and ids of `text` alone, from vLLM's /tokenize (at the server root)."""
@@ -264,12 +337,23 @@ class OpenAIBackend:
             count = len(tokens)
         return count, tokens
 
-    async def _first_model(self) -> str:
-        data = await self._request("GET", f"{self.base_url}/models", None)
+    async def _read_server_info(self, *, required: bool) -> None:
+        """The served name (when none was given), the context and vLLM or not, from /v1/models.
+
+        Only `required` (no model name given) makes a failure fatal: other servers may lack it."""
         try:
-            return str(data["data"][0]["id"])
-        except (KeyError, IndexError, TypeError) as exc:
-            raise BackendError(f"{self.base_url}/models lists no model: {data!r:.300}") from exc
+            data = await self._request("GET", f"{self.base_url}/models", None)
+        except (BackendError, _Rejected) as exc:
+            if required:
+                raise BackendError(f"{self.base_url}/models: {exc}") from exc
+            return
+        info = wire.server_info(data, self.model_name)
+        if required:
+            if not info.model:
+                raise BackendError(f"{self.base_url}/models lists no model: {data!r:.300}")
+            self.model_name = info.model
+        self.max_model_len = info.max_model_len
+        self.supports_generation_logprobs = info.vllm
 
     def _unsupported(self, why: str) -> ScoringUnsupported:
         self.supports_scoring = False
@@ -284,7 +368,7 @@ class OpenAIBackend:
         try:
             return await self._request("POST", url, body)
         except _Rejected as exc:
-            if scoring and _looks_unsupported(exc.status, exc.message, url.endswith("/tokenize")):
+            if scoring and wire.looks_unsupported(exc.status, exc.message, url.endswith("/tokenize")):
                 raise self._unsupported(f"HTTP {exc.status}: {exc.message}") from exc
             raise BackendError(f"HTTP {exc.status} from {url}: {exc.message}") from None
 
@@ -332,80 +416,6 @@ class _Rejected(Exception):
         self.message = message
 
 
-class _ImageCache:
-    """Encodes each distinct image of one call once (an image's stages share prompts)."""
-
-    def __init__(self, fmt: str) -> None:
-        self.fmt = fmt
-        self._urls: dict[int, asyncio.Future[str]] = {}
-
-    async def part(self, image: Image | str | None) -> dict[str, Any] | None:
-        if image is None:
-            return None
-        if isinstance(image, str):
-            return {"type": "image_url", "image_url": {"url": image}}
-        key = id(image)
-        fut = self._urls.get(key)
-        if fut is None:
-            fut = asyncio.ensure_future(asyncio.to_thread(data_url, image, self.fmt))
-            self._urls[key] = fut
-        return {"type": "image_url", "image_url": {"url": await fut}}
-
-
-def data_url(image: Image, fmt: str = "JPEG") -> str:
-    """A base64 data URL of a PIL image (JPEG needs RGB; PNG keeps alpha)."""
-    if fmt == "JPEG" and image.mode != "RGB":
-        image = image.convert("RGB")
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return f"data:{IMAGE_FORMATS[fmt]};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
-
-
-def _messages(system: str | None, image_part: dict[str, Any] | None, prompt: str) -> list[dict[str, Any]]:
-    """[system?, user: (image first,) text]: the image leads so its calls share one prefix.
-
-    A text-only turn is a plain string, as in the in-process engines (scalecap.backends.chat):
-    servers of text-only models do not all accept content parts.
-    """
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    content: Any = prompt
-    if image_part:
-        content = [image_part, {"type": "text", "text": prompt}]
-    messages.append({"role": "user", "content": content})
-    return messages
-
-
-def _top_dict(entry: dict[str, Any]) -> dict[str, float]:
-    """{token text: logprob} of one generated token's alternatives (best logprob per text)."""
-    out: dict[str, float] = {}
-    for alt in entry.get("top_logprobs") or []:
-        tok, lp = alt.get("token"), alt.get("logprob")
-        if tok is None or lp is None:
-            continue
-        lp = float(lp)
-        if tok not in out or lp > out[tok]:
-            out[tok] = lp
-    return out
-
-
-def _actual_token(entry: dict[str, Any] | None, token_id: int | None) -> tuple[str, float]:
-    """(decoded text, logprob) of the prompt token itself from one prompt_logprobs entry."""
-    if not entry:
-        raise BackendError("prompt_logprobs entry missing for a continuation token")
-    info = entry.get(str(token_id)) if token_id is not None else None
-    if info is None:
-        # prompt_logprobs=0 returns only the actual token; otherwise it is the one with no rank 1+
-        info = next(iter(entry.values())) if len(entry) == 1 else None
-    if info is None:
-        raise BackendError(f"cannot tell the actual token in prompt_logprobs entry {entry!r:.200}")
-    return str(info.get("decoded_token") or ""), float(info["logprob"])
-
-
-def _server_root(base_url: str) -> str:
-    """http://h:8000/v1 -> http://h:8000 (vLLM serves /tokenize at the root)."""
-    return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
-
-
 def _error_message(resp: httpx.Response) -> str:
     """The server's message from an OpenAI-style {"error": {"message"}} or {"message"} body."""
     try:
@@ -421,18 +431,3 @@ def _error_message(resp: httpx.Response) -> str:
         if data.get("detail"):
             return str(data["detail"])[:500]
     return str(data)[:500]
-
-
-def _looks_unsupported(status: int, message: str, endpoint_probe: bool) -> bool:
-    """A 4xx that means 'this server has no such endpoint or field', not 'bad input'.
-
-    A missing /tokenize answers 404/405/501; vLLM also answers 404 for an unknown model name,
-    which is a configuration error, not a missing feature.
-    """
-    text = message.lower()
-    if endpoint_probe and status in (404, 405, 501) and "model" not in text:
-        return True
-    return any(
-        word in text
-        for word in ("prompt_logprobs", "continue_final_message", "extra fields", "extra_forbidden")
-    )

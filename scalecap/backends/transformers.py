@@ -136,7 +136,7 @@ class TransformersBackend:
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(requests):
             key = (r.max_tokens, r.temperature, r.top_p, r.seed, r.top_logprobs, r.token_scores,
-                   r.fit_context and r.image is None)
+                   r.fit_context and r.image is None, r.repetition_penalty)
             groups.setdefault(key, []).append(i)
         results: list[GenerateResult | None] = [None] * len(requests)
         for indices in groups.values():
@@ -214,6 +214,8 @@ class TransformersBackend:
             "return_dict_in_generate": True,
             "output_logits": first.top_logprobs > 0 or first.token_scores,
         }
+        if first.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = first.repetition_penalty
         if sample:
             kwargs.update(temperature=first.temperature, top_p=first.top_p, top_k=0)
             if first.seed is not None:

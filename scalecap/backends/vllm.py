@@ -174,6 +174,7 @@ class VLLMBackend:
                 temperature=req.temperature,
                 top_p=req.top_p,
                 seed=req.seed,
+                repetition_penalty=req.repetition_penalty,
                 logprobs=logprobs,
                 output_kind=self._final_only,
             )

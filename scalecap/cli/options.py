@@ -11,14 +11,16 @@ import dataclasses
 import typing
 from typing import Any
 
-from scalecap.config import ImageScaleCaptionGenerateConfig, load_config_file
+from scalecap.config import PRESETS, ImageScaleCaptionGenerateConfig, load_config_file
+from scalecap.templates import load_prompts
 
-_SKIP = {"extra", "llm_api_key"}
+_SKIP = {"extra", "llm_api_key", "preset", "prompts"}
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("chain config (override --config FILE)")
     g.add_argument("--config", metavar="FILE", help="TOML or JSON file of config fields")
+    add_method_args(g)
     hints = typing.get_type_hints(ImageScaleCaptionGenerateConfig)
     for f in dataclasses.fields(ImageScaleCaptionGenerateConfig):
         if f.name in _SKIP:
@@ -40,15 +42,51 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                            help=f"(default: {default})")
             continue
         conv = base if base in (int, float, str) else str
+        if base is int and type(None) in args:
+            conv = _int_or_none  # --max-questions none: no cap
         g.add_argument(flag, type=conv, default=None, help=f"(default: {default})")
+
+
+def add_method_args(parser: Any) -> None:
+    """--preset and --prompts (on caption, submit and worker)."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="set every field not given to the preset's value; authors: the ScaleCap "
+                        "authors' code as it runs (docs/chain.md), rating raw logits: `caption` starts "
+                        "its engine with them, `submit` needs workers started with --raw-logits")
+    parser.add_argument("--prompts", metavar="FILE", default=None,
+                        help="TOML file replacing any of the chain's prompt templates (docs/chain.md)")
+
+
+def method_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields --preset and --prompts set (the prompts file is read here)."""
+    out: dict[str, Any] = {}
+    if getattr(args, "preset", None):
+        out["preset"] = args.preset
+    if getattr(args, "prompts", None):
+        out["prompts"] = load_prompts(args.prompts)
+    return out
+
+
+_NONE = object()
+"""What `--max-questions none` parses to (argparse's None means "flag not given")."""
+
+
+def _int_or_none(raw: str) -> Any:
+    if raw.strip().lower() == "none":
+        return _NONE
+    try:
+        return int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or none, got {raw!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> ImageScaleCaptionGenerateConfig:
     data: dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
     for name in ImageScaleCaptionGenerateConfig.field_names():
         value = getattr(args, name, None)
-        if value is not None:
-            data[name] = value
+        if value is not None and name not in _SKIP:
+            data[name] = None if value is _NONE else value
+    data.update(method_fields(args))
     return ImageScaleCaptionGenerateConfig.from_dict(data)
 
 
@@ -76,6 +114,12 @@ def engine_options(args: argparse.Namespace, settings: Any) -> tuple[str, str, d
     backend = args.backend or settings.backend
     model = args.model or settings.model
     opts: dict[str, Any] = {}
+    raw = wants_raw_logits(args)
+    if raw and not getattr(args, "raw_logits", None) and backend not in ("vllm", "transformers"):
+        raise SystemExit(
+            f"--preset {args.preset} scores raw logits, which the {backend!r} backend cannot return: "
+            "use --backend vllm or transformers, or add --score-mode log_ratio"
+        )
     if backend == "vllm":
         opts["gpu_memory_utilization"] = args.gpu_memory_utilization or settings.gpu_memory_utilization
         opts["max_num_seqs"] = args.max_num_seqs or settings.max_num_seqs
@@ -87,7 +131,7 @@ def engine_options(args: argparse.Namespace, settings: Any) -> tuple[str, str, d
         if args.enforce_eager:
             opts["enforce_eager"] = True
         opts["limit_mm_per_prompt"] = {"image": 1, "video": 0}
-        if getattr(args, "raw_logits", None):
+        if raw:
             opts["logprobs_mode"] = "raw_logits"
     elif backend == "openai":
         base = args.openai_base_url or settings.openai_base_url
@@ -99,8 +143,17 @@ def engine_options(args: argparse.Namespace, settings: Any) -> tuple[str, str, d
     elif backend == "transformers":
         if args.dtype:
             opts["dtype"] = args.dtype
-        if getattr(args, "raw_logits", None):
+        if raw:
             opts["raw_logits"] = True
     if getattr(args, "raw_logits", None) and backend not in ("vllm", "transformers"):
         raise SystemExit(f"--raw-logits needs the vllm or transformers backend, not {backend!r}")
     return backend, model, opts
+
+
+def wants_raw_logits(args: argparse.Namespace) -> bool:
+    """--raw-logits, or a preset that rates raw logits (unless --score-mode says otherwise)."""
+    if getattr(args, "raw_logits", None):
+        return True
+    preset = getattr(args, "preset", None)
+    mode = getattr(args, "score_mode", None) or (PRESETS[preset].get("score_mode") if preset else None)
+    return mode == "logit_diff" and getattr(args, "sentence_filter", None) != "yesno"

@@ -7,7 +7,6 @@ word, fails the image: nothing later may be built on it.
 
 from __future__ import annotations
 
-from scalecap import prompts
 from scalecap.stages.context import ImageContext, UnusableText
 
 NAME = "caption"
@@ -15,7 +14,8 @@ NAME = "caption"
 
 async def run(ctx: ImageContext) -> None:
     with ctx.timed(NAME):
-        request = ctx.vlm_request(prompts.INIT_CAPTION, ctx.config.max_init_tokens, token_scores=ctx.one_pass)
+        limit = ctx.config.max_init_tokens
+        request = ctx.vlm_request(ctx.templates.caption, limit, token_scores=ctx.one_pass)
         (result,) = await ctx.generate(ctx.vlm, [request])
         ctx.caption_result = result
         ctx.init_caption = result.text.strip()

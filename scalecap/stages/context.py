@@ -21,6 +21,7 @@ from scalecap.backends.base import (
 )
 from scalecap.errors import StageError
 from scalecap.rating import ScoreMode, token_deltas
+from scalecap.templates import Templates
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -46,6 +47,8 @@ class ImageContext:
     system: str
     text_system: str = ""
     image_ref: str = ""
+    templates: Templates = field(default_factory=Templates)
+    """Every text the stages send (ours, or the config's prompts)."""
     init_caption: str = ""
     caption_result: GenerateResult | None = None
     sentences: list[str] = field(default_factory=list)
@@ -89,7 +92,8 @@ class ImageContext:
     # --- engine calls that keep the books ---------------------------------------------------
 
     def vlm_request(self, prompt: str, max_tokens: int, *, image: bool = True, **kw: Any) -> GenerateRequest:
-        """A request with the image and the image system prompt, or text-only with the text one."""
+        """A request with the image and the image system prompt, or text-only with the text one
+        (and the config's repetition penalty, which the authors apply to their text-only calls)."""
         c = self.config
         return GenerateRequest(
             prompt=prompt,
@@ -99,6 +103,7 @@ class ImageContext:
             temperature=c.temperature,
             top_p=c.top_p,
             seed=c.seed,
+            repetition_penalty=1.0 if image else c.repetition_penalty,
             **kw,
         )
 

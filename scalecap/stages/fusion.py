@@ -40,20 +40,23 @@ async def run(ctx: ImageContext) -> None:
         positions = prompts.format_grouped(grouped(ctx, len(ctx.objects)), "Position of")
         if objects or positions:
             ctx.object_summary, ctx.position_summary = await ctx.together(
-                _write(ctx, prompts.COLLECT_OBJECTS, objects, cfg.max_object_summary_tokens),
-                _write(ctx, prompts.EXTRACT_POSITIONS, positions, cfg.max_position_summary_tokens),
+                _write(ctx, ctx.templates.collect_objects, objects, cfg.max_object_summary_tokens),
+                _write(ctx, ctx.templates.extract_positions, positions, cfg.max_position_summary_tokens),
             )
         sections = ""
         if ctx.object_summary:
-            sections += prompts.OBJECT_SECTION.format(text=ctx.object_summary)
+            sections += ctx.templates.object_section.format(text=ctx.object_summary)
         if ctx.position_summary:
-            sections += prompts.POSITION_SECTION.format(text=ctx.position_summary)
+            sections += ctx.templates.position_section.format(text=ctx.position_summary)
         if not sections:
             ctx.final_caption = " ".join(ctx.golden_sentences)
             ctx.notes["fusion"] = "skipped: no answer details to add to the golden sentences"
             return
-        prompt = prompts.FINAL_CAPTION.format(
-            golden=prompts.format_sentences(ctx.golden_sentences), sections=sections
+        prompt = ctx.templates.final_caption.format(
+            golden=prompts.format_sentences(ctx.golden_sentences),
+            sections=sections,
+            objects=ctx.object_summary,
+            positions=ctx.position_summary,
         )
         request = ctx.vlm_request(prompt, cfg.max_final_tokens, image=False, fit_context=True)
         (r,) = await ctx.generate(ctx.llm, [request])

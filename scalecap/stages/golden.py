@@ -8,8 +8,7 @@ When nothing passes, `golden_fallback` decides: the whole caption, the best sent
 
 from __future__ import annotations
 
-from scalecap import prompts
-from scalecap.backends.base import GenerateResult
+from scalecap.backends.base import GenerateResult, score_values
 from scalecap.rating import RatedSentence, select, units_of, yesno_score
 from scalecap.sentences import Span, clean, split_spans
 from scalecap.stages.context import ImageContext, UnusableText
@@ -19,12 +18,13 @@ NAME = "golden"
 
 async def rate_yesno(ctx: ImageContext, statements: list[str]) -> list[float]:
     requests = [
-        ctx.vlm_request(prompts.YESNO.format(sentence=s), 1, top_logprobs=10) for s in statements
+        ctx.vlm_request(ctx.templates.yesno.format(sentence=s), 1, top_logprobs=10) for s in statements
     ]
     # yes/no is a judgement: always greedy whatever the caption sampling is.
     for r in requests:
         r.temperature = 0.0
-    return [yesno_score(r) for r in await ctx.generate(ctx.vlm, requests, one_token=True)]
+    values = score_values(ctx.vlm)
+    return [yesno_score(r, values) for r in await ctx.generate(ctx.vlm, requests, one_token=True)]
 
 
 def rated_spans(text: str, truncated: bool) -> tuple[list[Span], bool]:
@@ -58,7 +58,7 @@ async def rate_texts(
         return out
     deltas = await ctx.deltas(items, cfg.score_mode)
     return [
-        select(text, sp, d, unit=cfg.filter_unit, threshold=threshold)
+        select(text, sp, d, unit=cfg.filter_unit, threshold=threshold, token_filter=cfg.token_filter)
         for (_, text, _), sp, d in zip(items, spans, deltas, strict=True)
     ]
 
@@ -76,7 +76,7 @@ async def run(ctx: ImageContext) -> None:
         if kept_tail:
             ctx.notes["unterminated_caption_rated"] = True
         threshold = cfg.thresholds()[0]
-        (rated,) = await rate_texts(ctx, [(prompts.INIT_CAPTION, text, gen)], [cut], threshold)
+        (rated,) = await rate_texts(ctx, [(ctx.templates.caption, text, gen)], [cut], threshold)
         ctx.sentences = [r.text for r in rated]
         ctx.sentence_scores = [round(r.score, 6) for r in rated]
         if cfg.sentence_filter == "contrastive" and cfg.filter_unit == "clause":
