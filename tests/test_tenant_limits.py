@@ -48,6 +48,8 @@ def test_fields_of_the_wrong_type_are_refused_by_name(fields, bad):
     ({"max_questions": 65}, "max_questions"),
     ({"max_init_tokens": 10**9}, "max_init_tokens"),
     ({"max_final_tokens": 8193}, "max_final_tokens"),
+    ({"preset": "authors"}, "max_questions"),  # no question cap at all
+    ({"repetition_penalty": math.nan}, "repetition_penalty"),
 ])
 def test_cost_over_the_operators_limits_is_refused_by_name(fields, bad):
     limits = CostLimits.from_settings(Settings(max_model_len=8192))
