@@ -61,7 +61,7 @@ def test_a_plain_file_is_no_shard():
 def test_the_api_re_derives_a_clients_reference_from_the_shard(tmp_path):
     from scalecap.errors import ImageError
     from scalecap.images.load import ImageLimits
-    from scalecap.images.members import verify_shard_ref
+    from scalecap.images.shards import verify_shard_ref
 
     blob = _tar({"s1.png": b"PNGDATA", "s1.txt": b"alt text", "s2.txt": b"other"})
     shard = tmp_path / "s.tar"

@@ -117,7 +117,7 @@ def verify_shard(ref: str, limits: Any) -> None:
     if not ref.startswith(("wds+", "pq+")):
         return
     from scalecap.errors import ImageError
-    from scalecap.images.members import verify_shard_ref
+    from scalecap.images.shards import verify_shard_ref
 
     shown = ref[:120] + ("..." if len(ref) > 120 else "")
     try:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Callable
-from typing import Any
 
-from scalecap.errors import ImageAccessDenied, ImageError
+from scalecap.errors import ImageAccessDenied
 
 BLOCK = 512
 
@@ -59,36 +58,4 @@ def read_member(read: Callable[[int, int], bytes], key: str, ext: str, offset: i
     return raw[BLOCK:]
 
 
-def verify_shard_ref(ref: str, limits: Any, desc: str) -> None:
-    """Re-derive a client's shard reference from the shard itself, reading no member's data.
-
-    `wds+`: the 512-byte tar header before the image member and before each sidecar must name
-    exactly that member (NotThisMember). `pq+`: the file's footer must hold the row group, the row
-    and the column. Raises an ImageError saying what does not match."""
-    from scalecap.images.shards import MemberRef, Span, open_parquet, parse_ref, read_range
-
-    p = parse_ref(ref)
-    if isinstance(p, MemberRef):
-        parts = [(p.ext, p.span), *sorted(p.sidecars.items())]
-        for ext, span in parts:
-            if span.offset < BLOCK or span.offset % BLOCK:
-                raise NotThisMember(f"{desc}: .{ext}: a member's data starts on a 512-byte block "
-                                    "after its header")
-            header = read_range(p.shard, Span(span.offset - BLOCK, BLOCK), limits, desc)
-            check_header(header, p.key, ext, span.size, f"{desc} .{ext}")
-        return
-    client = limits.s3_client_factory() if p.file.startswith("s3://") and limits.s3_client_factory else None
-    try:
-        with open_parquet(p.file, s3_client=client) as pf:
-            meta = pf.metadata
-            ok = (p.row_group < meta.num_row_groups and p.row < meta.row_group(p.row_group).num_rows
-                  and p.column in pf.schema_arrow.names)
-    except ImageError:
-        raise
-    except Exception as exc:
-        raise NotThisMember(f"{desc}: not a readable Parquet file ({type(exc).__name__})") from None
-    if not ok:
-        raise NotThisMember(f"{desc}: the file has no such row group, row or column")
-
-
-__all__ = ["BLOCK", "NotThisMember", "check_header", "member_name_matches", "read_member", "verify_shard_ref"]
+__all__ = ["BLOCK", "NotThisMember", "check_header", "member_name_matches", "read_member"]
