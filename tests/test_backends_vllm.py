@@ -70,6 +70,22 @@ def test_unknown_engine_option_is_a_config_error(engine_loop, tiny_model_dir) ->
         engine_loop.run(create_backend("vllm", str(tiny_model_dir), no_such_option=1))
 
 
+def test_logprobs_mode_is_checked_for_this_release(engine_loop, tiny_model_dir) -> None:
+    """A value the release lacks is a ConfigError before any engine starts; so is raw_logits on a
+    release whose prompt logprobs ignore it (< 0.26). From 0.26 on a raw-logits engine is tested
+    end to end by tests/test_one_pass_scoring.py::test_logit_diff_on_a_raw_logits_vllm_engine."""
+    import vllm
+
+    from scalecap.backends import vllm_compat
+
+    with pytest.raises(ConfigError, match="logprobs_mode must be one of"):
+        engine_loop.run(create_backend("vllm", str(tiny_model_dir), logprobs_mode="no_such_mode"))
+    release = vllm_compat.parse_version(vllm.__version__)
+    if release is not None and release[:2] < vllm_compat.PROMPT_LOGITS_SINCE:
+        with pytest.raises(ConfigError, match="logits for generated tokens but logprobs"):
+            engine_loop.run(create_backend("vllm", str(tiny_model_dir), logprobs_mode="raw_logits"))
+
+
 def test_missing_model_is_a_config_error(engine_loop, tmp_path) -> None:
     with pytest.raises(ConfigError):
         engine_loop.run(create_backend("vllm", str(tmp_path / "nope")))

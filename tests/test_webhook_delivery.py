@@ -140,6 +140,18 @@ def test_dead_receiver_is_a_temporary_failure_and_never_raises(redis_client):
 
 
 @pytest.mark.services
+def test_a_name_that_does_not_resolve_is_temporary_like_a_refused_connection(redis_client):
+    """An .invalid name never resolves (RFC 6761): nothing is sent, and the failure is temporary
+    (retried), not a refusal of the URL."""
+    outcome = deliver_event("http://scalecap-receiver.invalid/hook", _event(), secret="whsec_" + "A" * 32,
+                            redis_client=redis_client, attempts_key="nodns", attempt=3)
+    assert not outcome.delivered and outcome.attempts == 0 and outcome.temporary
+    assert "cannot resolve" in outcome.last_error
+    (entry,) = _attempts(redis_client, "nodns")
+    assert entry["attempt"] == 3 and "cannot resolve" in entry["error"]
+
+
+@pytest.mark.services
 def test_a_receiver_that_never_answers_times_out_temporarily(redis_client):
     with socket.socket() as silent:  # accepts connections (kernel backlog), never replies
         silent.bind(("127.0.0.1", 0))

@@ -51,7 +51,11 @@ class DeliveryOutcome:
 
 
 class WebhookRefused(Exception):
-    """The URL is not one we may POST to (scheme, unresolvable, private address)."""
+    """The URL is not one we may POST to (scheme, private address): final."""
+
+
+class WebhookUnresolved(WebhookRefused):
+    """The host name does not resolve now: temporary, retried like a refused connection."""
 
 
 def _now_iso() -> str:
@@ -123,8 +127,10 @@ def check_url(url: str, *, allow_private: bool = False, allowed_networks: Sequen
         _policy(allow_private, allowed_networks).vetted_addresses(host, port or 443)
     except AddressRefused as exc:
         raise WebhookRefused(str(exc)) from exc
-    except (OSError, UnicodeError) as exc:
-        raise WebhookRefused(f"cannot resolve {host!r}: {exc}") from exc
+    except UnicodeError as exc:
+        raise WebhookRefused(f"not a valid host name: {shown}") from exc
+    except OSError as exc:  # the resolver: no answer now, which may change (retried)
+        raise WebhookUnresolved(f"cannot resolve {host!r}: {exc}") from exc
 
 
 def _record(redis_client: Any, key: str, entry: dict[str, Any]) -> None:
@@ -155,17 +161,22 @@ def deliver_event(
     """POST `event` as signed JSON once; never raises.
 
     The outcome says whether the failure is temporary (a 5xx, 408, 425, 429, a network error or
-    timeout: scalecap.retry) and carries the receiver's Retry-After; the caller schedules the
-    next attempt. Redirects are not followed (a redirect could point inside the network), and
-    every connection is vetted on the socket, so a host that resolves elsewhere at connect time
-    is refused (final). The attempt is appended to the Redis list `attempts_key` (when
-    `redis_client` is given) as JSON `{type, webhook_id, [job_id,] attempt, at, status, error,
-    duration_ms}`; `attempt` is its number there.
+    timeout: scalecap.retry; a host name that does not resolve, like a refused connection) and
+    carries the receiver's Retry-After; the caller schedules the next attempt. Redirects are not
+    followed (a redirect could point inside the network), and every connection is vetted on the
+    socket, so a host that resolves elsewhere at connect time is refused (final). The attempt is
+    appended to the Redis list `attempts_key` (when `redis_client` is given) as JSON `{type,
+    webhook_id, [job_id,] attempt, at, status, error, duration_ms}`; `attempt` is its number there.
     """
     wid = msg_id or event_id(event)
     try:
         body = json.dumps(event, separators=(",", ":"), default=str).encode()
         check_url(url, allow_private=allow_private, allowed_networks=allowed_networks)
+    except WebhookUnresolved as exc:  # a DNS failure: like a refused connection, try again later
+        error = redact_text(str(exc))
+        log.warning("webhook %s to %s: attempt %d: %s", wid, redact_url(url), attempt, error)
+        _record(redis_client, attempts_key, _entry(attempt, None, error, time.monotonic(), event, wid))
+        return DeliveryOutcome(False, 0, None, error, wid, temporary=True)
     except Exception as exc:
         error = f"refused: {exc}"
         log.warning("webhook %s to %s not sent: %s", wid, redact_url(url), error)

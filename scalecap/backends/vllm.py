@@ -13,13 +13,13 @@ let the chain rate generated text with one (text-only) pass. An engine started w
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import math
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from scalecap.backends import vllm_compat as compat
 from scalecap.backends.base import (
     GenerateRequest,
     GenerateResult,
@@ -54,7 +54,7 @@ class VLLMBackend:
         self._prefix = uuid.uuid4().hex[:8]
         self._closed = False
         # One output per request, not one per step: we only read the last.
-        self._final_only = modules.sampling_params.RequestOutputKind.FINAL_ONLY
+        self._final_only = compat.final_only(modules)
 
     @classmethod
     async def create(
@@ -76,8 +76,9 @@ class VLLMBackend:
     ) -> VLLMBackend:
         """Start the engine on the running loop (it binds to it). Blocks the loop while loading.
 
-        `extra_engine_args` go to `AsyncEngineArgs` unchanged; names it does not have raise
-        ConfigError, so a typo in a worker's config fails at start, not silently.
+        `extra_engine_args` go to `AsyncEngineArgs` unchanged; names the installed vLLM does not
+        have raise ConfigError, so a typo in a worker's config fails at start, not silently.
+        Release differences (0.24 to 0.32) are handled in `vllm_compat`.
         """
         try:
             import vllm
@@ -87,10 +88,7 @@ class VLLMBackend:
         except ImportError as exc:
             raise ConfigError(f"vllm is not installed: {exc} (pip install 'scalecap-fleet[worker]')") from exc
 
-        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-        unknown = sorted(set(extra_engine_args) - known)
-        if unknown:
-            raise ConfigError(f"unknown vLLM engine option(s): {', '.join(unknown)}")
+        compat.check_version(vllm.__version__)
         options: dict[str, Any] = dict(
             model=model,
             max_model_len=max_model_len,
@@ -107,6 +105,7 @@ class VLLMBackend:
         )
         if limit_mm_per_prompt is not None:
             options["limit_mm_per_prompt"] = limit_mm_per_prompt
+        compat.engine_options(AsyncEngineArgs, vllm.__version__, options)
         try:
             args = AsyncEngineArgs(**options)
         except (TypeError, ValueError) as exc:
@@ -138,7 +137,7 @@ class VLLMBackend:
         except BackendError:
             raise
         except Exception as exc:
-            cause = exc.__cause__ if type(exc).__name__ == "EngineGenerateError" else exc
+            cause = compat.request_error(exc)
             raise BackendError(f"vLLM request failed: {type(cause).__name__}: {cause}") from exc
         if last is None:
             raise BackendError("vLLM returned no output")
@@ -247,11 +246,8 @@ class VLLMBackend:
 
     async def reset_caches(self) -> None:
         """Forget cached prefixes, image encodings and processed images (for fair benchmarks)."""
-        if self.engine is None:
-            return
-        await self.engine.reset_prefix_cache()
-        await self.engine.reset_mm_cache()
-        await self.engine.reset_encoder_cache()
+        if self.engine is not None:
+            await compat.reset_caches(self.engine)
 
     async def aclose(self) -> None:
         if self._closed:
