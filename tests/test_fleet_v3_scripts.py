@@ -281,3 +281,35 @@ def test_a_claim_resent_after_a_lost_reply_answers_as_the_first(redis_server, re
     assert c.runnable() == ["j0", "j1", "j2"]  # v2 answered busy: the resend saw its own token
     assert [store.job("b", j)["runs"] for j in ("j0", "j1", "j2")] == ["1", "1", "1"]
     assert counts(store.batch("b"))["running"] == 3 and store.r.zcard(LEASES_KEY) == 1
+
+
+def test_the_sink_gate_probes_once_per_period_and_opens_when_the_sink_answers(monkeypatch):
+    from workers import sink_gate
+    from workers.sink_gate import SinkDown, SinkGate
+
+    clock = [100.0]
+    monkeypatch.setattr(sink_gate.time, "monotonic", lambda: clock[0])
+    up, probes = [False], []
+
+    def probe(url: str) -> None:
+        probes.append(url)
+        if not up[0]:
+            raise ConnectionError("refused")
+
+    gate = SinkGate(probe)
+    gate.check("redis")  # never found down: no probe
+    gate.down("redis")
+    with pytest.raises(SinkDown):
+        gate.check("redis")  # the first probe is not due yet
+    assert probes == []
+    clock[0] += 1.0
+    with pytest.raises(SinkDown) as down:
+        gate.check("redis")  # due: probed, still down, backoff doubles
+    assert probes == ["redis"] and down.value.delay == 2.0
+    clock[0] += 1.0
+    with pytest.raises(SinkDown):
+        gate.check("redis")
+    assert probes == ["redis"]  # not due again yet
+    up[0], clock[0] = True, clock[0] + 1.0
+    gate.check("redis")  # answers: open
+    assert not gate.is_down("redis") and probes == ["redis", "redis"]

@@ -1,7 +1,8 @@
 """What one task (a chunk of K images of one batch) does, independent of Celery (tasks.py binds it).
 
 Order matters for the protocol's guarantees (docs/protocol.md):
-0. no claim while the batch's sink is known down (workers/sink_gate.py): the jobs stay queued;
+0. no claim while the batch's sink is known down (workers/sink_gate.py): the jobs stay queued
+   and the message comes back later;
 1. one claim script for the chunk: each job that may run gets this run's attempt token and a
    lease; final jobs, jobs another run holds (live lease) and jobs of a cancelled batch are
    settled there; jobs whose earlier run was lost go to the quarantine lane, uncharged; the
@@ -236,7 +237,7 @@ def _process(ctx: JobContext, msg: JobMessage) -> dict[str, int]:
         log.warning("chunk of unknown batch %s dropped (%d jobs)", b, len(msg.jobs))
         result.add("unknown-batch", len(msg.jobs))
         return result.counts
-    ctx.gate.wait(meta.sink)  # its sink is down: claim nothing, the jobs stay queued
+    ctx.gate.check(meta.sink)  # its sink is down: SinkDown, nothing claimed, the message comes back
     refs = dict(msg.jobs)
     token = uuid.uuid4().hex
     claim = store.claim(b, list(refs), token=token, lease_seconds=lease_seconds(s),

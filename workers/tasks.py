@@ -56,10 +56,13 @@ def register_tasks(app: Celery) -> Celery:
         import redis
 
         from workers.jobs import process_chunk
+        from workers.sink_gate import SinkDown
 
         msg = JobMessage.from_json(job)
         try:
             return process_chunk(context(), msg)
+        except SinkDown as exc:  # nothing claimed: the message comes back when a probe is due
+            raise self.retry(countdown=exc.delay, exc=exc) from exc
         except redis.RedisError as exc:  # Redis restarting: the whole chunk again, later
             raise self.retry(countdown=2.0, exc=exc) from exc
 
