@@ -105,7 +105,7 @@ def manifest_rows(lines: Iterable[str], where: str, *, image_key: str = "image",
         at = f"{where}:{n}"
         try:
             obj = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             yield error_row(at, "MalformedLine", f"line {n} is not JSON: {exc}")
             continue
         if isinstance(obj, str):

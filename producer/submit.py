@@ -166,13 +166,14 @@ def _stream(client: Any, source: Iterable[Any] | str, opts: SubmitOptions,
             if on_progress is not None:
                 on_progress(result.submitted + result.failed + result.duplicates)
 
+        record_owner = "" if settings.share_records else (opts.owner or "")
         for row in expand(source, image_key=opts.image_key, image_column=opts.image_column,
                           id_column=opts.id_column, s3_client_factory=client._s3_client):
             refused = None if row.error else bucket_refusal(row.ref, settings.allowed_buckets)
             if refused:  # the workers would refuse it too: fail it now, with the reason
                 row = replace(row, error={"stage": "submit", "type": "ImageAccessDenied", "message": refused})
             basis = "bad-row:" + row.ref if row.error else row.ref
-            chunk.append((fleet_job_id(basis, config_hash, model), row.ref, row.error))
+            chunk.append((fleet_job_id(basis, config_hash, model, record_owner), row.ref, row.error))
             if len(chunk) >= CHUNK or time.monotonic() - started > FLUSH_SECONDS:
                 flush()
                 started = time.monotonic()

@@ -143,6 +143,7 @@ class ImageScaleCaptionGenerateConfig:
                 )
 
     def validate(self) -> None:
+        check_field_types(self)
         if self.sentence_filter not in ("contrastive", "yesno"):
             raise ConfigError(
                 f"sentence_filter must be 'contrastive' or 'yesno', not {self.sentence_filter!r}"
@@ -300,6 +301,105 @@ def _init_with_preset(self: ImageScaleCaptionGenerateConfig, *args: Any, **kwarg
 
 
 ImageScaleCaptionGenerateConfig.__init__ = _init_with_preset  # type: ignore[method-assign]
+
+
+class ConfigFieldError(ConfigError):
+    """One named config field is invalid or over an operator limit (the API answers 422)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+_INT_FIELDS = ("max_questions", "max_init_tokens", "max_answer_tokens", "max_question_tokens",
+               "max_object_summary_tokens", "max_position_summary_tokens", "max_final_tokens",
+               "min_pixels", "max_pixels")
+TOKEN_FIELDS = _INT_FIELDS[1:7]
+"""Fields that are token budgets of one model call."""
+_FLOAT_FIELDS = ("tau_sentence", "tau_answer", "temperature", "top_p", "repetition_penalty")
+_TEXT_FIELDS = ("system_prompt", "text_system_prompt", "llm_base_url", "llm_model", "llm_api_key")
+MAX_PROMPT_CHARS = 32 * 1024
+"""Longest system prompt (or other text field): it is sent with every call of every image."""
+
+
+def check_field_types(cfg: ImageScaleCaptionGenerateConfig) -> None:
+    """Types every field must have whoever builds the config: integers, finite numbers, an integer
+    seed, bounded text. Raises ConfigFieldError naming the first bad field."""
+    for name in _INT_FIELDS:
+        v = getattr(cfg, name)
+        if v is None and name == "max_questions":  # no cap (the authors' preset)
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigFieldError(name, f"must be a non-negative integer, got {_shown(v)}")
+    for name in _FLOAT_FIELDS:
+        v = getattr(cfg, name)
+        if v is None and name.startswith("tau_"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigFieldError(name, f"must be a finite number, got {_shown(v)}")
+    if cfg.seed is not None and (not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool)
+                                 or not 0 <= cfg.seed < 2**63):
+        raise ConfigFieldError("seed", f"must be an integer in [0, 2**63), got {_shown(cfg.seed)}")
+    for name in _TEXT_FIELDS:
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, str) or len(v) > MAX_PROMPT_CHARS):
+            raise ConfigFieldError(name, f"must be a string of at most {MAX_PROMPT_CHARS} characters")
+    if not isinstance(cfg.extra, dict):
+        raise ConfigFieldError("extra", "must be an object")
+    if isinstance(cfg.prompts, dict) and any(isinstance(v, str) and len(v) > MAX_PROMPT_CHARS
+                                             for v in cfg.prompts.values()):
+        raise ConfigFieldError("prompts", f"each prompt must be at most {MAX_PROMPT_CHARS} characters")
+    if cfg.max_pixels < cfg.min_pixels:
+        raise ConfigFieldError("max_pixels", f"must be >= min_pixels ({cfg.min_pixels})")
+
+
+@dataclass(frozen=True)
+class CostLimits:
+    """The operator's bounds on what one image may cost (Settings: max_decode_pixels,
+    max_questions_limit, max_model_len)."""
+
+    max_pixels: int = 40_000_000
+    max_questions: int = 64
+    max_tokens: int = 131_072
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> CostLimits:
+        return cls(max_pixels=int(settings.max_decode_pixels),
+                   max_questions=int(settings.max_questions_limit),
+                   max_tokens=int(settings.max_model_len or cls.max_tokens))
+
+
+def check_cost_limits(cfg: ImageScaleCaptionGenerateConfig, limits: CostLimits) -> None:
+    """Refuse a config whose cost is over the operator's limits (ConfigFieldError names the field).
+
+    Pixels: min_pixels <= max_pixels <= the decode cap, so no image is ever scaled (up or down)
+    beyond what a worker may decode. Questions: at most the operator's limit. Token budgets:
+    each within the model's context. A field left at its default passes (the worker clamps
+    pixels to the decode cap anyway), so lowering a cap never breaks the default config."""
+    defaults = ImageScaleCaptionGenerateConfig.__dataclass_fields__
+
+    def over(name: str, limit: int) -> bool:
+        v = getattr(cfg, name)
+        if v is None:  # no cap at all (max_questions of the authors' preset)
+            return True
+        return v > limit and v != defaults[name].default
+
+    for name in ("min_pixels", "max_pixels"):
+        if over(name, limits.max_pixels):
+            raise ConfigFieldError(name, f"{getattr(cfg, name)} is over the decode cap of "
+                                   f"{limits.max_pixels} pixels (SCALECAP_MAX_DECODE_PIXELS)")
+    if over("max_questions", limits.max_questions):
+        asked = "no limit" if cfg.max_questions is None else cfg.max_questions
+        raise ConfigFieldError("max_questions", f"{asked} is over the limit of "
+                               f"{limits.max_questions} (SCALECAP_MAX_QUESTIONS_LIMIT)")
+    for name in TOKEN_FIELDS:
+        if over(name, limits.max_tokens):
+            raise ConfigFieldError(name, f"{getattr(cfg, name)} tokens is over the model's context of "
+                                   f"{limits.max_tokens}")
+
+
+def _shown(v: Any) -> str:
+    return repr(v)[:60]
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -104,6 +104,13 @@ class Settings:
     """Largest image (width x height, from its header) a worker decodes; more is ImageTooLarge."""
     max_concurrent_decodes: int = 4
     """Image decodes at once in one process, whatever the job concurrency."""
+    max_questions_limit: int = 64
+    """Largest max_questions a batch config may ask for (the API refuses more with 422)."""
+    default_max_queued: int = 100_000
+    """Quota of API keys created without --max-queued: images queued or running at once."""
+    share_records: bool = False
+    """Let API keys reuse each other's records of the same image, config and model (off: each
+    owner's records are its own, so nobody learns what another captioned)."""
     fetch_retries: int = 3
     """Retries of an image fetch after a transient error (HTTP 5xx, timeout, S3 SlowDown)."""
     fetch_backoff: float = 0.5

@@ -131,8 +131,8 @@ class Receiver:
 
 def create_key(env: dict[str, str]) -> dict[str, str]:
     out = subprocess.run([sys.executable, "-m", "scalecap_command", "keys", "create", "--name", "demo",
-                          "--scopes", "submit,read"], env=env, cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout
+                          "--scopes", "submit,read", "--all-data"],  # the demo's own files and bucket
+                         env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout
     lines = [line for line in out.splitlines() if ": " in line and not line.startswith("#")]
     fields = dict(line.split(": ", 1) for line in lines)
     if "key" not in fields or "webhook_secret" not in fields:

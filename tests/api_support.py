@@ -184,7 +184,9 @@ def api_stack(redis_server: Any, s3_server: Any, tmp_path_factory: pytest.TempPa
         images = make_images(tmp / "imgs", ["red", "green", "blue", "yellow"])
         bad = make_images(tmp / "bad", ["bad"])[0]
         env = fleet.env
-        keys = {name: create_key(env, name) for name in ("tenant-a", "tenant-b", "revoked")}
+        # The stack's tenants read every root and bucket of the fleet (--all-data), as the older
+        # tests expect; tests/test_hostile_tenant.py makes its own scoped keys.
+        keys = {name: create_key(env, name, "--all-data") for name in ("tenant-a", "tenant-b", "revoked")}
         admin = create_key(env, "ops", "--scopes", "admin")
         reader = create_key(env, "dashboards", "--scopes", "read")
         cli(env, "keys", "revoke", keys["revoked"].key_id)

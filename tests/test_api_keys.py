@@ -10,11 +10,12 @@ import threading
 
 import pytest
 
-from producer.api.refs import RefError, check_ref, checked_rows
+from producer.api.refs import RefError, RefRefused, check_ref, checked_rows
 from producer.api.submission import MAX_LINE_BYTES, UploadTooLarge, body_lines
 from producer.sources import SourceRow
 from scalecap.errors import ConfigError
 from scalecap.fleet.keys import ApiKey, KeyStore, parse_scopes
+from scalecap.fleet.scope import Scope
 
 
 @pytest.fixture
@@ -89,8 +90,12 @@ def test_references_outside_the_roots_are_refused(tmp_path):
                 "ftp://x/y", "s3://bucket", "https://", "", "   ", f"file://host{root}/a.png"):
         with pytest.raises(RefError):
             check_ref(bad, roots)
-    with pytest.raises(RefError, match="no SCALECAP_ALLOWED_ROOTS"):
+    with pytest.raises(RefRefused, match="the fleet's SCALECAP_ALLOWED_ROOTS"):
         check_ref(f"{root}/a.png", [])
+    with pytest.raises(RefRefused, match="the key's allowed roots"):  # a key scoped elsewhere
+        check_ref(f"{root}/a.png", roots, scope=Scope.of([str(tmp_path / "other")]))
+    with pytest.raises(RefRefused, match="the key's allowed buckets"):  # a key without buckets
+        check_ref("s3://bucket/key.png", roots, scope=Scope.of([str(root)]))
     rows = list(checked_rows([SourceRow(f"{root}/a.png"), SourceRow("/etc/passwd")], roots))
     assert rows[0].error is None and rows[1].error["type"] == "ImageAccessDenied"
 
@@ -131,3 +136,17 @@ def test_streamed_lines_split_across_chunks_and_long_lines_become_one_bad_line()
     assert len(got) == 2 and got[1] == "next" and len(got[0]) < 100  # marker, not the line
     with pytest.raises(UploadTooLarge):
         _lines([b"a\n" * 100] * 3, limit=500)
+
+
+def test_keys_carry_their_data_scope(keys: KeyStore):
+    _, plain, _ = keys.create("plain")
+    assert (plain.roots, plain.buckets, plain.fleet_wide) == ((), (), False)
+    _, scoped, _ = keys.create("scoped", roots="/data/a/,/data/b", buckets="s3://team-a/in/,shared")
+    assert keys.get(scoped.key_id) == scoped
+    assert scoped.roots == ("/data/a", "/data/b") and scoped.buckets == ("team-a/in", "shared")
+    _, wide, _ = keys.create("demo", all_data=True)
+    assert keys.get(wide.key_id).fleet_wide and wide.to_dict()["all_data"] is True
+    for bad in ({"roots": "relative/dir"}, {"buckets": "Bad_Bucket"}, {"buckets": "b1/../x"},
+                {"roots": "/x", "all_data": True}):
+        with pytest.raises(ConfigError):
+            keys.create("bad", **bad)

@@ -48,7 +48,7 @@ def _upload(s: ApiStack, key, n: int, tag: str):
 
 def test_large_upload_does_not_grow_the_api_memory(api_stack: ApiStack):
     s = api_stack
-    key = create_key(s.env, "bulk")
+    key = create_key(s.env, "bulk", "--max-queued", "2000000")  # a million-line run fits
     proc = psutil.Process(s.api.pid)
     upload_bytes = sum(len(c) for c in _manifest(LINES, "big", UPLOAD_BYTES))
 

@@ -260,7 +260,7 @@ def test_records_go_to_a_separate_results_redis(redis_server, redis_url):
     from workers.jobs import JobContext, process_chunk
 
     results_url = f"{redis_server.url}/{redis_server.fresh_db()}"
-    settings = Settings(broker_url=redis_url, results_url=results_url)
+    settings = Settings(broker_url=redis_url, results_url=results_url, allowed_roots=["/x"])  # the refs below
     c = FleetClient(settings)
     sub = c.submit(["/x/1.png", "/x/2.png"], sink="redis", model="nobody", queue=Q)
 

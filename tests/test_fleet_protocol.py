@@ -208,7 +208,7 @@ def test_chunk_lifecycle_retries_dead_letters_and_reuses_records(redis_url):
     from workers.jobs import JobContext, process_chunk
 
     r = redis.Redis.from_url(redis_url)
-    settings = Settings(broker_url=redis_url, max_attempts=2)
+    settings = Settings(broker_url=redis_url, max_attempts=2, allowed_roots=["/x"])  # the refs below
     broken, healthy = _Runtime(fail=True), _Runtime()
     published: list[Chunk] = []
     def publish(chunk: Chunk) -> None:

@@ -84,3 +84,16 @@ def test_tls_options_per_url():
     assert ssl_options("rediss://h/0?ssl_cert_reqs=none")["ssl_cert_reqs"] == ssl.CERT_NONE
     with pytest.raises(ConfigError):
         ssl_options("rediss://h/0?ssl_cert_reqs=maybe")
+
+
+@pytest.mark.parametrize("line", [
+    '127.0.0.1:5 - "POST /v1/batches?webhook=https%3A%2F%2Fh%2Fx%3Ftoken%3DSECRET1 HTTP/1.1" 202',
+    '127.0.0.1:5 - "POST /v1/batches?config=%7B%22llm_api_key%22%3A%22SECRET1%22%7D HTTP/1.1" 400',
+    '127.0.0.1:5 - "GET /v1/batches?api_key=sk_0123456789abcdef_SECRET1 HTTP/1.1" 400',
+    'batch config {"llm_api_key": "SECRET1", "max_questions": 3}',
+    "retrying with token=SECRET1 and webhook_secret: SECRET1",
+])
+def test_access_lines_lose_query_strings_and_secret_fields(line):
+    out = redact_text(line)
+    assert "SECRET1" not in out
+    assert redact_text("max_init_tokens: 512, GET / HTTP/1.1") == "max_init_tokens: 512, GET / HTTP/1.1"

@@ -81,8 +81,11 @@ class EngineRuntime:
             return self._vlm
 
     def limits(self, config: ImageScaleCaptionGenerateConfig) -> ImageLimits:
+        """The image limits of one config, never scaling (up or down) beyond the decode cap,
+        whatever the config asks: a 2x2 PNG cannot be blown up to 150 Mpx."""
+        cap = int(self.settings.max_decode_pixels)
         return ImageLimits.from_settings(
-            self.settings, min_pixels=config.min_pixels, max_pixels=config.max_pixels
+            self.settings, min_pixels=min(config.min_pixels, cap), max_pixels=min(config.max_pixels, cap)
         )
 
     def chain(self, config_json: str | dict[str, Any]) -> ScaleCapChain:

@@ -36,8 +36,10 @@ from typing import Any
 
 from scalecap.errors import BackendError, ConfigError, TerminalError
 from scalecap.fleet import failpoints
+from scalecap.fleet.access import refusal
 from scalecap.fleet.outcomes import ClaimCode, FinishCode, RunOutcome
 from scalecap.fleet.protocol import BatchStore, Chunk, JobMessage, Outcome, batch_key, quarantine_queue
+from scalecap.fleet.scope import Scope
 from scalecap.fleet.sinks import Sink, SinkError, open_sink
 from scalecap.record import error_record, is_error
 from scalecap.retry import backoff
@@ -113,6 +115,8 @@ class BatchMeta:
     config: str
     sink: str
     queue: str
+    scope: Any = None
+    """The submitting key's data scope (scalecap/fleet/scope.py); None: fleet-wide."""
 
 
 @dataclass
@@ -170,10 +174,11 @@ class JobContext:
         """The batch's config, sink and queue: read once per batch and process."""
         meta = self._meta.get(batch_id)
         if meta is None:
-            config, sink, queue = self.redis.hmget(batch_key(batch_id), "config", "sink", "queue")
+            config, sink, queue, scope = self.redis.hmget(batch_key(batch_id), "config", "sink", "queue",
+                                                          "scope")
             if config is None:
                 return None
-            meta = BatchMeta(config.decode(), sink.decode(), queue.decode())
+            meta = BatchMeta(config.decode(), sink.decode(), queue.decode(), Scope.from_json(scope))
             with self._lock:
                 if len(self._meta) > 10_000:
                     self._meta.clear()
@@ -284,6 +289,13 @@ def _run(ctx: JobContext, msg: JobMessage, meta: BatchMeta, refs: dict[str, str]
         sink = None
     if sink is not None:
         for j in run:
+            refused = refusal(refs[j], meta.scope, s.allowed_roots, s.allowed_buckets)
+            if refused:  # checked again before anything is opened: the batch's scope travels with it
+                err = {"stage": "load", "type": "ImageAccessDenied", "message": refused}
+                record = error_record(err, {"job_id": j})
+                outcomes.append(_write(ctx, sink, meta.sink, b, j, refs[j], record, token))
+                result.add("refused")
+                continue
             entry = claim.codes[j][1]
             own = _reuse(ctx, sink, meta, b, j, entry, token) if entry and keep.held() else None
             if own:

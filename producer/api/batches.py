@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from producer.api.admission import admit, queue_for, quota_exceeded, status_or_none
+from producer.api.admission import admit, release, status_or_none
 from producer.api.auth import owns, require
 from producer.api.limits import is_ndjson, read_json, too_large
 from producer.api.models import (
@@ -33,19 +33,21 @@ from producer.api.models import (
 from producer.api.params import no_unknown_query, upload_query
 from producer.api.problems import ApiProblem, bad_request, not_found, responses
 from producer.api.quota import capped
-from producer.api.refs import RefError, check_ref, checked_rows
+from producer.api.refs import RefError, check_ref, checked_rows, ref_problem, verify_shard
 from producer.api.submission import UploadAborted, UploadTooLarge, body_lines
 from producer.client import BatchNotFound
 from producer.sources import SourceRow, expand, manifest_rows
 from producer.submit_model import BATCH_ID_PATTERN, SubmitOptions, api_fields
 from scalecap.errors import ConfigError
+from scalecap.fleet.access import ScopeRefused, check_listing
 from scalecap.fleet.keys import ApiKey
-from scalecap.images import bucket_allowed, bucket_refusal
 
 router = APIRouter(prefix="/v1", tags=["batches"], dependencies=[Depends(no_unknown_query)])
 
 _BATCH_ID = re.compile(BATCH_ID_PATTERN)
 _JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+MAX_SUBMISSION_REF_CHARS = 256 * 1024 * 1024
+"""Characters of references one submission may bring in all (what Redis keeps of them)."""
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -99,36 +101,48 @@ def _source_rows(client: Any, url: str, image_key: str, image_column: str | None
         yield SourceRow(ref=url[:1000], error={"stage": "submit", "type": "SourceError", "message": message})
 
 
-def _check_source(request: Request, url: str) -> None:
+def _check_source(request: Request, key: ApiKey, url: str) -> str:
+    """The s3:// source to list: inside the key's scope (403 naming it, whether or not the bucket
+    exists), then listable (400)."""
     settings = request.app.state.settings
     if not url.startswith("s3://"):
         raise bad_request("source must be an s3://bucket/prefix (or s3:// manifest)", "bad-reference")
+    try:
+        url = check_listing(url, key.scope, settings.allowed_buckets)
+    except ScopeRefused as exc:
+        raise ApiProblem(403, "outside-scope", f"source: {exc}") from None
     bucket, _, prefix = url[5:].partition("/")
-    if not bucket:
-        raise bad_request("source: no bucket", "bad-reference")
     prefix = prefix.split("{", 1)[0]  # a brace pattern: list what comes before its first group
-    if not bucket_allowed(bucket, settings.allowed_buckets):
-        raise bad_request(f"source: bucket {bucket!r} is not allowed", "bad-reference")
     try:
         s3 = request.app.state.client._s3_client()
         s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
     except Exception as exc:
-        raise bad_request(f"source {url}: cannot list it ({type(exc).__name__})", "bad-reference") from exc
+        raise bad_request(f"source {url[:120]}: cannot list it", "bad-reference") from exc
+    return url
 
 
-def _check_bucket(request: Request, ref: str) -> str:
-    allowed = request.app.state.settings.allowed_buckets
-    if not allowed:
-        return ref
-    opened = [ref]
-    if ref.startswith(("wds+", "pq+")):
-        from scalecap.images import locations
+def _checked_images(request: Request, key: ApiKey, images: list[Any]) -> list[str]:
+    """Every reference of a JSON request, or the first one's problem: 400 malformed, 403 outside
+    the key's scope; a client's shard reference must match the shard's own headers or footer."""
+    settings = request.app.state.settings
+    limits = shard_limits(request)
+    refs = []
+    for i, ref in enumerate(images):
+        try:
+            ref = check_ref(ref, settings.allowed_roots, scope=key.scope, buckets=settings.allowed_buckets)
+            verify_shard(ref, limits)
+        except RefError as exc:
+            raise ref_problem(exc, f"images[{i}]") from exc
+        refs.append(ref)
+    return refs
 
-        opened = locations(ref)  # check_ref has vetted its form already
-    for loc in opened:
-        if bucket_refusal(loc, allowed):
-            raise RefError(f"{ref[:120]}: bucket is not allowed")
-    return ref
+
+def shard_limits(request: Request) -> Any:
+    """The image limits the API reads a client's shard headers with (the workers' own)."""
+    from scalecap.images import ImageLimits
+
+    st = request.app.state
+    return ImageLimits.from_settings(st.settings, s3_client_factory=st.client._s3_client)
 
 
 @router.post(
@@ -137,7 +151,7 @@ def _check_bucket(request: Request, ref: str) -> str:
     response_model=BatchAccepted,
     summary="Create a batch (JSON, or a streamed JSONL manifest upload)",
     responses={200: {"model": BatchAccepted, "description": "Idempotency-Key replay of an earlier batch"},
-               **responses(400, 401, 403, 409, 413, 415, 429)},
+               **responses(400, 401, 403, 409, 413, 415, 422, 429)},
     openapi_extra=_UPLOAD_BODY,
 )
 async def create_batch(
@@ -148,8 +162,7 @@ async def create_batch(
                                          description="Retries with the same key return the same batch"),
     query: dict[str, Any] = Depends(upload_query),
 ) -> Any:
-    st = request.app.state
-    settings, client = st.settings, st.client
+    settings = request.app.state.settings
     ctype = request.headers.get("content-type")
     upload = is_ndjson(ctype)
     if upload:
@@ -173,37 +186,53 @@ async def create_batch(
     options = SubmitOptions(**{f.name: getattr(req, f.name) for f in api_fields()})
     adm = await admit(request, key, options, idempotency_key=idempotency_key,
                       conflict="this batch_id is not available; choose another",
-                      replay=lambda existing: bool(idempotency_key) and _settled(existing))
+                      replay=lambda existing: bool(idempotency_key) and _settled(existing),
+                      wanted=len(req.images) if not upload and req.images is not None else None)
     options, room = adm.options, adm.room
     if adm.replayed:
         response.status_code = 200
         return accepted(request, options.batch_id or "", replayed=True)
-    roots = list(settings.allowed_roots)
+    bid = options.batch_id or ""
+    try:
+        result = await _submit(request, key, req, options, room, upload)
+    except BaseException:
+        await release(request, key, bid)  # a batch never created keeps no quota
+        raise
+    counts = None
+    if result is not None and upload:
+        counts = SubmitCounts(submitted=result.submitted, failed=result.failed, duplicates=result.duplicates)
+    response.headers["Location"] = f"/v1/batches/{bid}"
+    return accepted(request, bid, counts=counts)
+
+
+async def _submit(request: Request, key: ApiKey, req: BatchRequest, options: SubmitOptions,
+                  room: int | None, upload: bool) -> Any:
+    """Rows checked against the key's scope, then handed to the submitter."""
+    st = request.app.state
+    settings, client = st.settings, st.client
+    roots, buckets, scope = list(settings.allowed_roots), list(settings.allowed_buckets), key.scope
     rows: Any
     if upload:
         loop = asyncio.get_running_loop()
         abort = threading.Event()
         lines = body_lines(request.stream(), loop, settings.api_max_upload_bytes, abort)
-        rows = capped(checked_rows(manifest_rows(lines, "upload", image_key=options.image_key), roots), room)
+        rows = capped(checked_rows(manifest_rows(lines, "upload", image_key=options.image_key), roots,
+                                   scope=scope, buckets=buckets, shard_limits=shard_limits(request),
+                                   max_total_chars=MAX_SUBMISSION_REF_CHARS), room)
     elif req.images is not None:
-        refs = []
-        for i, ref in enumerate(req.images):
-            try:
-                refs.append(_check_bucket(request, check_ref(ref, roots)))
-            except RefError as exc:
-                raise bad_request(f"images[{i}]: {exc}", "bad-reference") from exc
-        if room is not None and len(refs) > room:
-            raise quota_exceeded(request, key, f"{len(refs)} images would exceed the key's quota "
-                                               f"({room} more may be queued now)")
+        refs = await run_in_threadpool(_checked_images, request, key, req.images)
+        if sum(len(r) for r in refs) > MAX_SUBMISSION_REF_CHARS:
+            raise too_large(MAX_SUBMISSION_REF_CHARS)
         rows = capped((SourceRow(r) for r in refs), room)
     else:
-        await run_in_threadpool(_check_source, request, req.source)
-        rows = capped(checked_rows(_source_rows(client, req.source, options.image_key, options.image_column,
-                                                options.id_column), roots), room)
-
+        source = await run_in_threadpool(_check_source, request, key, req.source)
+        # Rows the fleet indexes itself (listing, manifests, shard headers): scope-checked, trusted.
+        rows = capped(checked_rows(_source_rows(client, source, options.image_key, options.image_column,
+                                                options.id_column), roots, scope=scope, buckets=buckets,
+                                   max_total_chars=MAX_SUBMISSION_REF_CHARS), room)
     bid = options.batch_id or ""
     try:
-        result = await st.submitter.start(rows, options, wait_all=upload)
+        return await st.submitter.start(rows, options, wait_all=upload)
     except UploadTooLarge as exc:
         await run_in_threadpool(_cancel_quietly, client, bid)
         raise too_large(settings.api_max_upload_bytes) from exc
@@ -218,11 +247,6 @@ async def create_batch(
         if isinstance(exc, SinkError):
             raise bad_request(str(exc), "bad-sink") from exc
         raise
-    counts = None
-    if result is not None and upload:
-        counts = SubmitCounts(submitted=result.submitted, failed=result.failed, duplicates=result.duplicates)
-    response.headers["Location"] = f"/v1/batches/{bid}"
-    return accepted(request, bid, counts=counts)
 
 
 def _settled(status: dict[str, Any]) -> bool:
@@ -328,4 +352,4 @@ def cancel_batch(request: Request, batch_id: str, key: ApiKey = Depends(require(
     return request.app.state.client.cancel(batch_id)
 
 
-__all__ = ["owned_status", "queue_for", "router"]
+__all__ = ["owned_status", "router"]

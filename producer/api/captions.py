@@ -15,13 +15,14 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from producer.api.admission import admit
+from producer.api.admission import admit, release
 from producer.api.auth import require
+from producer.api.batches import shard_limits
 from producer.api.limits import read_json
 from producer.api.models import CaptionRequest, CaptionResult
 from producer.api.params import no_unknown_query
 from producer.api.problems import ApiProblem, bad_request, responses
-from producer.api.refs import RefError, check_ref
+from producer.api.refs import RefError, check_ref, ref_problem, verify_shard
 from producer.sources import SourceRow
 from producer.submit_model import SubmitOptions
 from scalecap.errors import ConfigError
@@ -49,7 +50,7 @@ def _result(request: Request, batch_id: str, client: Any) -> CaptionResult:
     response_model=CaptionResult,
     summary="Caption one image, waiting for it up to a timeout",
     responses={202: {"model": CaptionResult, "description": "Not finished in time: poll result_url"},
-               **responses(400, 401, 403, 409, 413, 429)},
+               **responses(400, 401, 403, 409, 413, 422, 429)},
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/CaptionRequest"}}}}},
 )
@@ -70,19 +71,25 @@ async def caption(
         e = exc.errors()[0]
         raise ApiProblem(400, "invalid-request", f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from exc
     try:
-        ref = check_ref(body.image, list(settings.allowed_roots))
+        ref = check_ref(body.image, list(settings.allowed_roots), scope=key.scope,
+                        buckets=list(settings.allowed_buckets))
+        await run_in_threadpool(verify_shard, ref, shard_limits(request))
     except RefError as exc:
-        raise bad_request(f"image: {exc}", "bad-reference") from exc
+        raise ref_problem(exc, "image") from exc
     adm = await admit(request, key, SubmitOptions(config=body.config, model=body.model),
                       idempotency_key=idempotency_key,
                       conflict="this Idempotency-Key cannot be used; choose another",
-                      replay=lambda existing: True)
+                      replay=lambda existing: True, wanted=1)
     bid = adm.options.batch_id or ""
     if not adm.replayed:
         try:
             await st.submitter.start([SourceRow(ref)], adm.options, wait_all=True)
         except (ConfigError, ValueError) as exc:
+            await release(request, key, bid)
             raise bad_request(str(exc)) from exc
+        except BaseException:
+            await release(request, key, bid)
+            raise
     limit = float(settings.api_caption_timeout)
     deadline = time.monotonic() + (limit if wait is None else min(wait, limit))
     delay = 0.05

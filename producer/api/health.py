@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from producer.api.batches import queue_for
+from producer.api.admission import queue_for
 from producer.api.models import MODEL_PATTERN, Health, Readiness
 from producer.api.params import no_unknown_query
 from producer.api.problems import responses

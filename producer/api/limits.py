@@ -8,6 +8,7 @@ sent without a length (chunked), so no route ever buffers more than `api_max_bod
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from fastapi import Request
@@ -21,6 +22,41 @@ NDJSON_TYPES = (
 
 def is_ndjson(content_type: str | None) -> bool:
     return (content_type or "").split(";")[0].strip().lower() in NDJSON_TYPES
+
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects in a request body (or an upload line)."""
+_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def json_depth(data: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """The nesting depth of the JSON text `data`, counted without parsing it (strings skipped);
+    stops counting once past `limit`, so a body nested 10^6 deep costs one linear scan."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return limit  # cannot be deeper: no scan needed
+    depth = deepest = 0
+    for m in _TOKENS.finditer(data):
+        c = m.group()[:1]
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def loads_bounded(data: bytes | str, what: str = "the body") -> Any:
+    """json.loads, refusing nesting deeper than MAX_JSON_DEPTH before parsing (400)."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise ApiProblem(400, "invalid-json", f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiProblem(400, "invalid-json", f"{what} is not valid JSON: {exc}"[:300]) from None
 
 
 def too_large(limit: int) -> ApiProblem:
@@ -64,10 +100,8 @@ async def read_json(request: Request, limit: int) -> Any:
             raise too_large(limit)
     if not data:
         raise ApiProblem(400, "invalid-request", "a JSON body is required")
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiProblem(400, "invalid-json", f"the body is not valid JSON: {exc}") from exc
+    return loads_bounded(bytes(data))
 
 
-__all__ = ["BodyLimitMiddleware", "is_ndjson", "read_json", "too_large"]
+__all__ = ["MAX_JSON_DEPTH", "BodyLimitMiddleware", "is_ndjson", "json_depth", "loads_bounded", "read_json",
+           "too_large"]

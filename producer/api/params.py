@@ -4,12 +4,11 @@ caller should hear about, and a parameter the route does not declare cannot chan
 from __future__ import annotations
 
 import inspect
-import json
 from typing import Any
 
 from fastapi import Query, Request
 
-from producer.api.problems import ApiProblem, bad_request
+from producer.api.problems import ApiProblem
 from producer.submit_model import query_fields, value_type
 
 
@@ -34,11 +33,10 @@ def no_unknown_query(request: Request) -> None:
 
 
 def _upload_query(**params: Any) -> dict[str, Any]:
+    from producer.api.limits import loads_bounded
+
     raw = params.pop("config", None)
-    try:
-        params["config"] = json.loads(raw) if raw else None
-    except ValueError as exc:
-        raise bad_request(f"config is not JSON: {exc}", "bad-config") from exc
+    params["config"] = loads_bounded(raw, "config") if raw else None
     return params
 
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scalecap.config import ConfigFieldError
 from scalecap.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,20 @@ def problem_response(request: Request | None, status: int, kind: str, detail: st
     return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
 
 
+def config_field_problem(exc: ConfigFieldError) -> ApiProblem:
+    """422 naming the config field that is invalid or over an operator limit."""
+    return ApiProblem(422, "config-limit", f"config.{exc}",
+                      errors=[{"loc": ["config", exc.field], "msg": str(exc), "type": "config_limit"}])
+
+
+def config_field_response(request: Request | None, exc: ConfigFieldError) -> JSONResponse:
+    p = config_field_problem(exc)
+    return problem_response(request, p.status, p.kind, p.detail, errors=p.errors)
+
+
 _KINDS = {400: "bad-request", 401: "unauthorized", 403: "forbidden", 404: "not-found",
           405: "method-not-allowed", 406: "not-acceptable", 409: "conflict", 413: "too-large",
-          415: "unsupported-media-type", 429: "quota-exceeded"}
+          415: "unsupported-media-type", 422: "config-limit", 429: "quota-exceeded"}
 
 
 def _clean_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -105,6 +117,14 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return problem_response(request, exc.status_code, _KINDS.get(exc.status_code, "error"),
                                 str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ConfigFieldError)
+    async def _config_field(request: Request, exc: ConfigFieldError) -> JSONResponse:
+        return config_field_response(request, exc)
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        return problem_response(request, 400, "invalid-request", "the request is nested too deeply")
 
     @app.exception_handler(ConfigError)
     async def _config(request: Request, exc: ConfigError) -> JSONResponse:
@@ -153,13 +173,16 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def rewrite_openapi(schema: dict[str, Any]) -> dict[str, Any]:
-    """Problems are application/problem+json, and validation errors are 400 (not FastAPI's 422)."""
+    """Problems are application/problem+json, and validation errors are 400 (not FastAPI's 422;
+    a 422 is a config field over an operator limit)."""
     for path in schema.get("paths", {}).values():
         for op in path.values():
             if not isinstance(op, dict) or "responses" not in op:
                 continue
             rs = op["responses"]
-            if "422" in rs:
+            ref422 = (rs.get("422", {}).get("content", {}).get("application/json", {})
+                      .get("schema", {}).get("$ref", ""))
+            if ref422.endswith("/HTTPValidationError"):  # FastAPI's own: ours are 400
                 rs.pop("422")
                 rs.setdefault("400", {"description": "Bad Request"})
             for code, r in rs.items():

@@ -5,6 +5,8 @@ and an expiry, signed with HMAC-SHA256. The key itself is looked up again on eve
 revoking a key ends its sessions at once. The cookie is HttpOnly and SameSite=Lax (a cross-site
 POST arrives without it), and every state-changing form (logout, cancel) also carries a token
 derived from the session's nonce, checked in constant time, so a forged form cannot act.
+Logout ends the session on the server too: its nonce is noted in Redis until the cookie would
+have expired (`SessionEnds`), so a copy of the cookie taken before logout no longer works.
 """
 
 from __future__ import annotations
@@ -97,6 +99,28 @@ class SessionSigner:
         return hmac.new(self._sign_key, body.encode("ascii"), hashlib.sha256).digest()
 
 
+_ENDED = "scalecap:session:ended:"
+
+
+class SessionEnds:
+    """Sessions ended before their expiry (logout), by nonce, in Redis: one key each, with a TTL
+    of the cookie's remaining life, so the set never outgrows the sessions still alive."""
+
+    def __init__(self, redis_client: Any) -> None:
+        self.r = redis_client
+
+    def end(self, session: Session, *, now: float | None = None) -> None:
+        ttl = max(1, int(session.expires - (now or time.time())) + 1)
+        self.r.set(_ENDED + _nonce_id(session.nonce), "1", ex=ttl)
+
+    def ended(self, session: Session) -> bool:
+        return bool(self.r.exists(_ENDED + _nonce_id(session.nonce)))
+
+
+def _nonce_id(nonce: str) -> str:
+    return hashlib.sha256(nonce.encode("utf-8")).hexdigest()[:32]
+
+
 def same_origin(headers: Any, host: str | None) -> bool:
     """False when the browser says the request comes from another site (Origin / Sec-Fetch-Site).
 
@@ -112,4 +136,4 @@ def same_origin(headers: Any, host: str | None) -> bool:
     return origin != "null"
 
 
-__all__ = ["COOKIE", "MAX_AGE", "Session", "SessionSigner", "same_origin"]
+__all__ = ["COOKIE", "MAX_AGE", "Session", "SessionEnds", "SessionSigner", "same_origin"]

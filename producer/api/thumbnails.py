@@ -4,14 +4,24 @@ The API loads an image only for a job of a batch the caller may read, and only w
 worker would apply (`Settings`: allowed local roots, the private-address refusal on every http
 hop, the allowed networks, the byte cap, the header pixel cap). So the viewer reaches exactly
 what the fleet already reaches for that caller's batches: no new SSRF or path hole.
+
+Memory is bounded: a JPEG is decoded at reduced size (Pillow `draft`, DCT scaling), every image
+is shrunk with `reduce` before resampling, one decode runs at a time per API process, on one
+thread (so at most one image of at most SCALECAP_MAX_DECODE_PIXELS is in memory), and the JPEG
+bytes (or the failure) are cached once per (owner, image, size) in at most CACHE_BYTES.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import io
+import threading
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Any
 
+from scalecap.errors import ImageError, ImageFetchError
 from scalecap.images import ImageLimits, load_image
 from scalecap.settings import Settings
 
@@ -51,11 +61,76 @@ def snap_size(size: int) -> int:
     return next((s for s in SIZES if s >= size), SIZES[-1])
 
 
-def thumbnail(ref: str, settings: Settings, size: int) -> bytes:
-    """JPEG bytes of `ref` fitting in size x size; raises scalecap.errors.ImageError."""
+CACHE_BYTES = 16 * 1024 * 1024
+"""Thumbnail bytes kept per API process (least recently used go first)."""
+_cache: OrderedDict[tuple[str, str, int], bytes | ImageError] = OrderedDict()
+_cache_bytes = 0
+_cache_lock = threading.Lock()
+_decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="thumbnail")
+"""One thumbnail decode at a time, always on the same thread: the viewer never holds two
+full-size bitmaps, and the allocator reuses one arena instead of growing one per request thread."""
+
+
+def _cache_get(key: tuple[str, str, int]) -> bytes | ImageError | None:
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+        return hit
+
+
+def _cache_put(key: tuple[str, str, int], value: bytes | ImageError) -> None:
+    global _cache_bytes
+    cost = len(value) if isinstance(value, bytes) else 256
+    with _cache_lock:
+        if key in _cache:
+            return
+        _cache[key] = value
+        _cache_bytes += cost
+        while _cache_bytes > CACHE_BYTES and _cache:
+            _, old = _cache.popitem(last=False)
+            _cache_bytes -= len(old) if isinstance(old, bytes) else 256
+
+
+def cache_clear() -> None:
+    global _cache_bytes
+    with _cache_lock:
+        _cache.clear()
+        _cache_bytes = 0
+
+
+def thumbnail(ref: str, settings: Settings, size: int, *, owner: str = "") -> bytes:
+    """JPEG bytes of `ref` fitting in size x size; raises scalecap.errors.ImageError.
+
+    Cached per `owner` (the key that may read `ref`), so one tenant's views tell another nothing."""
     size = snap_size(size)
-    im = load_image(ref, limits=limits_for(settings, size))
-    im.thumbnail((size, size))
+    key = (owner, hashlib.sha256(ref.encode("utf-8", "surrogatepass")).hexdigest(), size)
+    hit = _cache_get(key)
+    if hit is None:
+        hit = _decoder.submit(_render_once, key, ref, settings, size).result()
+    if isinstance(hit, ImageError):
+        raise hit
+    return hit
+
+
+def _render_once(key: tuple[str, str, int], ref: str, settings: Settings, size: int) -> bytes | ImageError:
+    """On the decoder thread: the cached entry (made while this request waited), or a new one."""
+    hit = _cache_get(key)
+    if hit is not None:
+        return hit
+    try:
+        hit = _render(ref, settings, size)
+    except ImageFetchError:
+        raise  # may pass: not cached
+    except ImageError as exc:
+        hit = type(exc)(type(exc).__name__)  # keep the kind, not the message
+    _cache_put(key, hit)
+    return hit
+
+
+def _render(ref: str, settings: Settings, size: int) -> bytes:
+    im = load_image(ref, limits=limits_for(settings, size))  # JPEG: decoded via draft
+    im.thumbnail((size, size), reducing_gap=2.0)  # reduce() first, then a cheap resample
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=85, optimize=True)
     return buf.getvalue()
@@ -75,4 +150,4 @@ def placeholder_svg(label: str) -> bytes:
     ).encode()
 
 
-__all__ = ["SIZES", "limits_for", "placeholder_svg", "snap_size", "thumbnail"]
+__all__ = ["CACHE_BYTES", "SIZES", "cache_clear", "limits_for", "placeholder_svg", "snap_size", "thumbnail"]

@@ -17,7 +17,6 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -26,9 +25,9 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from producer.api.session import COOKIE, Session, SessionSigner, same_origin
+from producer.api.session import COOKIE, Session, SessionEnds, SessionSigner, same_origin
 from producer.api.thumbnails import placeholder_svg, thumbnail
-from producer.api.web_views import SEGMENTS, error_types, gauge, progress, record_view
+from producer.api.web_views import FILTERS, SEGMENTS, error_types, progress, record_view
 from scalecap.errors import ImageError
 
 log = logging.getLogger(__name__)
@@ -43,50 +42,7 @@ router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 
 
-# -- formatting helpers for the templates -------------------------------------------------------
-
-
-def _fmt_time(ts: float | None) -> str:
-    if not ts:
-        return "—"
-    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _fmt_secs(s: float | None) -> str:
-    if s is None:
-        return "—"
-    if s < 1:
-        return f"{s * 1000:.0f} ms"
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
-
-
-def _fmt_rate(r: float | None) -> str:
-    if r is None:
-        return "—"
-    return f"{r:.2f} images/s" if r < 10 else f"{r:.0f} images/s"
-
-
-def _fmt_score(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:+.3f}"
-
-
-def _basename(ref: str | None) -> str:
-    if not ref:
-        return "?"
-    if ref.startswith("data:"):
-        return ref.split(",", 1)[0] + ",…"
-    tail = ref.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
-    return tail or ref
-
-
-templates.env.filters.update(
-    time=_fmt_time, secs=_fmt_secs, rate=_fmt_rate, score=_fmt_score, basename=_basename,
-    gauge=gauge,
-)
+templates.env.filters.update(FILTERS)
 
 
 # -- services and the caller ---------------------------------------------------------------------
@@ -100,6 +56,7 @@ class Web:
     client: Any
     keys: Any
     signer: SessionSigner
+    ends: SessionEnds
 
 
 def web(request: Request) -> Web:
@@ -114,7 +71,8 @@ def web(request: Request) -> Web:
         settings = getattr(state, "settings", None) or Settings.from_env()
         client = getattr(state, "client", None) or FleetClient(settings)
         keys = getattr(state, "keys", None) or KeyStore(client.redis)
-        w = Web(settings, client, keys, SessionSigner(getattr(settings, "session_secret", None)))
+        w = Web(settings, client, keys, SessionSigner(getattr(settings, "session_secret", None)),
+                SessionEnds(client.redis))
         state.scalecap_web = w
     return w
 
@@ -151,7 +109,7 @@ def viewer(request: Request) -> Viewer | None:
     """The logged-in caller, or None (no cookie, a forged or expired one, or a revoked key)."""
     w = web(request)
     session = w.signer.read(request.cookies.get(COOKIE))
-    if session is None:
+    if session is None or w.ends.ended(session):
         return None
     key = _session_key(w, session)
     if not _may_view(key):
@@ -289,6 +247,8 @@ def logout(request: Request, csrf: str = Form("")) -> Response:
     if session is not None and not (same_origin(request.headers, request.headers.get("host"))
                                     and w.signer.check_csrf(session, csrf)):
         return Response("Forbidden: bad form token", status_code=403, media_type="text/plain")
+    if session is not None:
+        w.ends.end(session)  # a copy of the cookie stops working too
     resp = RedirectResponse("/login", status_code=303)
     resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="lax")
     return resp
@@ -468,8 +428,14 @@ def image_thumbnail(request: Request, batch_id: str, job_id: str, size: int | st
     except (TypeError, ValueError):
         px = 640
     headers = {"Cache-Control": "private, max-age=600", "X-Content-Type-Options": "nosniff"}
+    from scalecap.fleet.access import refusal
+
+    if refusal(ref, who.key.scope, w.settings.allowed_roots, w.settings.allowed_buckets):
+        # The viewing key's scope, as at submit (it may have been narrowed since).
+        return Response(placeholder_svg("ImageAccessDenied"), status_code=403, media_type="image/svg+xml",
+                        headers={**headers, "Content-Security-Policy": "default-src 'none'"})
     try:
-        body = thumbnail(ref, w.settings, px)
+        body = thumbnail(ref, w.settings, px, owner=who.key.key_id)
     except ImageError as exc:
         # The reason's type only: the message may name places the caller need not see.
         return Response(placeholder_svg(type(exc).__name__), status_code=422, media_type="image/svg+xml",

@@ -12,6 +12,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from scalecap.fleet.outcomes import FINAL_BATCH_STATES
@@ -331,5 +332,51 @@ def record_view(record: dict[str, Any], config: dict[str, Any] | None = None) ->
     return v
 
 
-__all__ = ["QA", "RecordView", "Scored", "error_types", "gauge", "progress", "record_view", "thresholds",
-           "throughput"]
+
+# -- formatting filters of the templates -------------------------------------------------------
+
+
+def _fmt_time(ts: float | None) -> str:
+    if not ts:
+        return "—"
+    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _fmt_secs(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _fmt_rate(r: float | None) -> str:
+    if r is None:
+        return "—"
+    return f"{r:.2f} images/s" if r < 10 else f"{r:.0f} images/s"
+
+
+def _fmt_score(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.3f}"
+
+
+def _basename(ref: str | None) -> str:
+    if not ref:
+        return "?"
+    if ref.startswith("data:"):
+        return ref.split(",", 1)[0] + ",…"
+    tail = ref.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    return tail or ref
+
+
+FILTERS = {"time": _fmt_time, "secs": _fmt_secs, "rate": _fmt_rate, "score": _fmt_score,
+           "basename": _basename, "gauge": gauge}
+"""Jinja filters the viewer's templates use."""
+
+
+__all__ = ["FILTERS", "QA", "RecordView", "Scored", "error_types", "gauge", "progress", "record_view",
+           "thresholds", "throughput"]

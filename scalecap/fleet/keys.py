@@ -8,15 +8,19 @@ another tenant's secret. Needs only a Redis client (no Celery, no FastAPI).
 
 Redis keys (prefix `scalecap:`):
   apikey:{key_id}   hash: name, scopes (comma separated), max_queued ('' = none), created_at,
-                    revoked ("1"), hash (hex SHA-256 of the raw key), webhook_secret
+                    revoked ("1"), hash (hex SHA-256 of the raw key), webhook_secret,
+                    roots and buckets (JSON lists: the key's data scope), all_data ("1")
   apikeys           sorted set of key ids by creation time
   apikey:{key_id}:active  set of the key's batches that may still hold queued images (quota)
+  apikey:{key_id}:reserved  hash: batch id -> "images admitted:unix time" (quota, one script)
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import os
 import re
 import secrets
 import time
@@ -25,6 +29,7 @@ from typing import Any
 
 from scalecap.errors import ConfigError
 from scalecap.fleet.layout import PREFIX
+from scalecap.fleet.scope import Scope
 
 SCOPES = frozenset({"submit", "read", "admin"})
 KEY_PREFIX = "sk_"
@@ -42,6 +47,11 @@ def _record_key(key_id: str) -> str:
 def active_batches_key(key_id: str) -> str:
     """The key's batches that may still hold queued images (the quota counts these)."""
     return f"{_PREFIX}apikey:{key_id}:active"
+
+
+def reservations_key(key_id: str) -> str:
+    """The key's quota reservations: batch id -> images admitted but maybe not yet registered."""
+    return f"{_PREFIX}apikey:{key_id}:reserved"
 
 
 def _hash(raw_key: str) -> str:
@@ -64,6 +74,37 @@ def parse_scopes(scopes: Any) -> frozenset[str]:
     return out
 
 
+def parse_roots(roots: Any) -> tuple[str, ...]:
+    """`"/a,/b"` or an iterable: absolute, normalised directories (the key's local scope)."""
+    items = roots.split(",") if isinstance(roots, str) else list(roots or ())
+    out = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        if not os.path.isabs(item) or "\x00" in item:
+            raise ConfigError(f"allowed root {item[:200]!r} must be an absolute directory")
+        out.append(os.path.normpath(item))
+    return tuple(out)
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,62}$")
+
+
+def parse_buckets(buckets: Any) -> tuple[str, ...]:
+    """`"bucket,bucket/prefix"` or an iterable: S3 buckets, each whole or only under a prefix."""
+    items = buckets.split(",") if isinstance(buckets, str) else list(buckets or ())
+    out = []
+    for item in (str(i).strip() for i in items):
+        item = item.removeprefix("s3://").strip("/")
+        if not item:
+            continue
+        bucket = item.split("/", 1)[0]
+        if not _BUCKET.match(bucket) or ".." in item.split("/") or "\x00" in item:
+            raise ConfigError(f"allowed bucket {item[:200]!r} must be BUCKET or BUCKET/PREFIX")
+        out.append(item)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ApiKey:
     """One key's record, never its secret: safe to log and to return over the API."""
@@ -74,10 +115,27 @@ class ApiKey:
     max_queued: int | None
     created_at: float
     revoked: bool
+    roots: tuple[str, ...] = ()
+    """Local directories this key may read (inside SCALECAP_ALLOWED_ROOTS)."""
+    buckets: tuple[str, ...] = ()
+    """S3 `bucket` or `bucket/prefix` entries this key may read (inside SCALECAP_ALLOWED_BUCKETS)."""
+    all_data: bool = False
+    """The fleet-wide data scope (`--all-data`); admin keys hold it too."""
 
     @property
     def is_admin(self) -> bool:
         return "admin" in self.scopes
+
+    @property
+    def fleet_wide(self) -> bool:
+        """Whether the key reads whatever the fleet's allow-lists allow."""
+        return self.all_data or self.is_admin
+
+    @property
+    def scope(self) -> Scope | None:
+        """The data scope its batches carry: None for fleet-wide, else its roots and buckets
+        (both empty: http(s) and data: only)."""
+        return None if self.fleet_wide else Scope.of(self.roots, self.buckets)
 
     def can(self, scope: str) -> bool:
         """Admin implies every scope."""
@@ -91,6 +149,9 @@ class ApiKey:
             "max_queued": self.max_queued,
             "created_at": self.created_at,
             "revoked": self.revoked,
+            "allowed_roots": list(self.roots),
+            "allowed_buckets": list(self.buckets),
+            "all_data": self.fleet_wide,
         }
 
 
@@ -101,9 +162,13 @@ class KeyStore:
         self.r = redis_client
 
     def create(
-        self, name: str, *, scopes: Any = ("submit", "read"), max_queued: int | None = None
+        self, name: str, *, scopes: Any = ("submit", "read"), max_queued: int | None = None,
+        roots: Any = (), buckets: Any = (), all_data: bool = False,
     ) -> tuple[str, ApiKey, str]:
-        """A new key: (raw key, shown once and never stored; its record; its webhook secret)."""
+        """A new key: (raw key, shown once and never stored; its record; its webhook secret).
+
+        `roots`/`buckets` are what it may read; without them (and without `all_data`) it reads
+        only http(s) and data: URIs."""
         from scalecap.fleet.signatures import generate_secret
 
         name = name.strip()
@@ -112,6 +177,9 @@ class KeyStore:
         scope_set = parse_scopes(scopes)
         if max_queued is not None and int(max_queued) < 0:
             raise ConfigError("max_queued must be >= 0")
+        root_list, bucket_list = parse_roots(roots), parse_buckets(buckets)
+        if all_data and (root_list or bucket_list):
+            raise ConfigError("--all-data already allows every root and bucket: give one or the other")
         key_id = secrets.token_hex(8)
         raw = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         webhook_secret = generate_secret()
@@ -124,9 +192,13 @@ class KeyStore:
             "revoked": "",
             "hash": _hash(raw),
             "webhook_secret": webhook_secret,
+            "roots": json.dumps(list(root_list)),
+            "buckets": json.dumps(list(bucket_list)),
+            "all_data": "1" if all_data else "",
         })
         self.r.zadd(_KEYS_INDEX, {key_id: created})
-        key = ApiKey(key_id, name, scope_set, None if max_queued is None else int(max_queued), created, False)
+        key = ApiKey(key_id, name, scope_set, None if max_queued is None else int(max_queued), created, False,
+                     root_list, bucket_list, bool(all_data))
         return raw, key, webhook_secret
 
     def _load(self, key_id: str) -> tuple[ApiKey, str] | None:
@@ -142,6 +214,9 @@ class KeyStore:
             max_queued=int(mq) if mq else None,
             created_at=float(h.get("created_at") or 0),
             revoked=h.get("revoked") == "1",
+            roots=tuple(json.loads(h.get("roots") or "[]")),
+            buckets=tuple(json.loads(h.get("buckets") or "[]")),
+            all_data=h.get("all_data") == "1",
         )
         return key, h.get("hash", "")
 
@@ -186,4 +261,5 @@ class KeyStore:
         return _s(v) if v else None
 
 
-__all__ = ["SCOPES", "ApiKey", "KeyStore", "active_batches_key", "parse_scopes"]
+__all__ = ["SCOPES", "ApiKey", "KeyStore", "active_batches_key", "parse_buckets", "parse_roots",
+           "parse_scopes", "reservations_key"]

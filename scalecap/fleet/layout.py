@@ -95,11 +95,15 @@ def quarantine_queue(queue: str) -> str:
     return queue if queue.endswith(QUARANTINE_SUFFIX) else queue + QUARANTINE_SUFFIX
 
 
-def fleet_job_id(ref: str, config_hash: str, model: str) -> str:
-    """The job id of one image under one config on one model: resubmitting it is idempotent."""
+def fleet_job_id(ref: str, config_hash: str, model: str, owner: str = "") -> str:
+    """The job id of one image under one config on one model: resubmitting it is idempotent.
+
+    With an `owner` (an API key id, records not shared: SCALECAP_SHARE_RECORDS off) the id is the
+    owner's own, so reuse and the record index never cross owners: another tenant naming the same
+    image gets its own run, not a sign that someone captioned it."""
     from scalecap.record import job_id
 
-    return job_id(ref, f"{config_hash}:{slug(model)}")
+    return job_id(ref, f"{config_hash}:{slug(model)}" + (f":owner={owner}" if owner else ""))
 
 
 def batch_key(batch_id: str) -> str:

@@ -18,6 +18,13 @@ from urllib.parse import unquote, urlsplit
 MASK = "***"
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s/]+)@")
 _QUERY = re.compile(r"(?P<base>\bhttps?://[^\s?#'\"]+)\?[^\s#'\"]*")
+_PATH_QUERY = re.compile(r"(?P<base>(?:^|[\s\"'(])/[^\s?#'\"]*)\?[^\s#'\"]*")
+"""A request path's query string (`"POST /v1/batches?webhook=...&config=..."` in an access line):
+parameters may hold webhook tokens, config secrets or a misplaced `?api_key=`."""
+_SECRET_FIELD = re.compile(
+    r"(?P<name>[\"']?\b[A-Za-z_]*(?:api_key|apikey|secret|token|password|passwd)[\"']?\s*[:=]\s*)"
+    r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s,&;}\]]+)", re.I)
+"""`llm_api_key: "..."`, `token=...`: a named secret field in JSON, a form or a message."""
 
 
 def redact_url(url: str | None) -> str | None:
@@ -38,9 +45,12 @@ def redact_url(url: str | None) -> str | None:
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` with URL passwords, http(s) query strings and each of `secrets` masked."""
+    """`text` with URL passwords, query strings (of http(s) URLs and of request paths), values of
+    secret-named fields (`llm_api_key`, `token`, ...) and each of `secrets` masked."""
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
     text = _QUERY.sub(lambda m: f"{m['base']}?…", text)
+    text = _PATH_QUERY.sub(lambda m: f"{m['base']}?…", text)
+    text = _SECRET_FIELD.sub(lambda m: f"{m['name']}{MASK}", text)
     for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text

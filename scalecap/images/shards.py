@@ -27,6 +27,7 @@ __all__ = [
     "read_range",
     "read_shard_ref",
     "source_meta",
+    "verify_shard_ref",
 ]
 
 MAX_SIDECAR_BYTES = 64 * 1024
@@ -142,12 +143,23 @@ def read_shard_ref(ref: str, limits: ImageLimits, desc: str) -> bytes | str:
     """The image bytes a reference points at, or (a Parquet URL column) the inner reference to load."""
     p = parse_ref(ref)
     if isinstance(p, MemberRef):
-        return read_range(p.shard, p.span, limits, desc)
+        return _member(p, p.ext, p.span, limits, desc)
     if p.url is not None:
         if is_shard_ref(p.url):
             raise ImageError(f"{desc}: a URL column may not hold another shard reference")
         return p.url
     return _read_cell(p, limits, desc)
+
+
+def _member(p: MemberRef, ext: str, span: Span, limits: ImageLimits, desc: str) -> bytes:
+    """A member's data, read with its tar header, which must name exactly this sample's `.ext`
+    member (members.py): whoever wrote the reference, no other bytes are read."""
+    from scalecap.images.members import read_member
+
+    def read(offset: int, size: int) -> bytes:
+        return read_range(p.shard, Span(offset, size), limits, desc)
+
+    return read_member(read, p.key, ext, span.offset, span.size, desc)
 
 
 def _read_cell(p: RowRef, limits: ImageLimits, desc: str) -> bytes:
@@ -214,7 +226,7 @@ def source_meta(ref: str, limits: ImageLimits) -> dict[str, Any] | None:
             errors[ext] = f"{span.size} bytes is over {MAX_SIDECAR_BYTES}: not read"
             continue
         try:
-            raw = read_range(p.shard, span, limits, f"{describe_shard(ref)} .{ext}")
+            raw = _member(p, ext, span, limits, f"{describe_shard(ref)} .{ext}")
             text = raw.decode("utf-8", errors="replace")
             out[ext] = json.loads(text) if ext == "json" else text
         except (ImageError, ValueError) as exc:
@@ -233,3 +245,35 @@ def attach_source(record: dict[str, Any], ref: str, limits: ImageLimits) -> dict
             meta = record["meta"] = {}
         meta["source"] = src
     return record
+
+
+def verify_shard_ref(ref: str, limits: Any, desc: str) -> None:
+    """Re-derive a client's shard reference from the shard itself, reading no member's data.
+
+    `wds+`: the 512-byte tar header before the image member and before each sidecar must name
+    exactly that member (NotThisMember). `pq+`: the file's footer must hold the row group, the row
+    and the column. Raises an ImageError saying what does not match."""
+    from scalecap.images.members import BLOCK, NotThisMember, check_header
+
+    p = parse_ref(ref)
+    if isinstance(p, MemberRef):
+        parts = [(p.ext, p.span), *sorted(p.sidecars.items())]
+        for ext, span in parts:
+            if span.offset < BLOCK or span.offset % BLOCK:
+                raise NotThisMember(f"{desc}: .{ext}: a member's data starts on a 512-byte block "
+                                    "after its header")
+            header = read_range(p.shard, Span(span.offset - BLOCK, BLOCK), limits, desc)
+            check_header(header, p.key, ext, span.size, f"{desc} .{ext}")
+        return
+    client = limits.s3_client_factory() if p.file.startswith("s3://") and limits.s3_client_factory else None
+    try:
+        with open_parquet(p.file, s3_client=client) as pf:
+            meta = pf.metadata
+            ok = (p.row_group < meta.num_row_groups and p.row < meta.row_group(p.row_group).num_rows
+                  and p.column in pf.schema_arrow.names)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise NotThisMember(f"{desc}: not a readable Parquet file ({type(exc).__name__})") from None
+    if not ok:
+        raise NotThisMember(f"{desc}: the file has no such row group, row or column")
