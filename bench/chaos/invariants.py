@@ -29,13 +29,13 @@ from scalecap.fleet.protocol import (
     webhook_attempts_key,
 )
 
-NAMES = {
+NAMES = {  # each fits the report's 43-character label column
     "one_final_state": "every image has exactly one final state",
-    "credited_record": "the record at each image's location is the credited run's",
+    "credited_record": "each location has the credited run's record",
     "reachable": "no job is unreachable",
-    "events": "every completion produced one event id, delivered at least once",
-    "dead_letters": "nothing dead-lettered that was not poisoned on purpose",
-    "ttl": "every batch finished and its keys carry their TTL",
+    "events": "one event id per completion, delivered",
+    "dead_letters": "no dead letter but the poisoned images",
+    "ttl": "every batch finished, its keys with a TTL",
     "counters": "the counters equal the job states",
 }
 AOF_NOTE = "2.5 s"
