@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bench.chaos.fleet import LEASE_SECONDS, ChaosFleet, faketime_available
+from bench.chaos.fleet import LEASE_SECONDS, ChaosFleet, faketime_available, join_all
 from bench.queue_overhead import REPO
 
 SKEW = "+1h"
@@ -148,9 +148,7 @@ class Nemesis:
             self.threads.append(t)
 
     def join(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for t in self.threads:
-            t.join(max(0.1, deadline - time.monotonic()))
+        join_all(self.threads, timeout)
 
     def _one(self, f: Fault) -> None:
         try:

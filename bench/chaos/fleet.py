@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -311,3 +312,10 @@ class ChaosFleet:
                 server.proc.kill()
                 server.proc.wait(10)
             server.proc = None
+
+
+def join_all(threads: list[threading.Thread], timeout: float) -> None:
+    """Join every thread within one shared deadline (each gets at least 0.1 s)."""
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.1, deadline - time.monotonic()))

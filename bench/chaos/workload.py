@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.chaos.fleet import MODEL, POISON_COLOUR, ChaosFleet
+from bench.chaos.fleet import MODEL, POISON_COLOUR, ChaosFleet, join_all
 
 COLOURS = ("red", "green", "blue", "yellow", "white")
 SUBMIT_TRIES = 12
@@ -136,9 +136,7 @@ class Workload:
         self.threads.append(t)
 
     def join(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for t in self.threads:
-            t.join(max(0.1, deadline - time.monotonic()))
+        join_all(self.threads, timeout)
 
     # --- producers -----------------------------------------------------------------------
 
